@@ -1,0 +1,88 @@
+"""The ``tensorq`` console script: gathers verbs from the ``tensorq.commands``
+entry-point group, so producer and worker each own their verbs and neither
+imports the other. Each entry point is ``register(subparsers) -> None`` and
+sets ``func(args, settings) -> int`` on its parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from common.errors import TensorQError
+from common.settings import Settings, load_settings
+
+ENTRY_POINT_GROUP = "tensorq.commands"
+DEFAULT_CONFIG = Path("config/tensorq.toml")
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """--config and --redis, shared by every verb that talks to Redis."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"TOML config (default: $TQ_CONFIG, else {DEFAULT_CONFIG} if present)",
+    )
+    parser.add_argument(
+        "--redis", default=None, help="Redis URL (default: config; empty = private redis-server)"
+    )
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: object) -> Settings:
+    config = getattr(args, "config", None)
+    if config is None and DEFAULT_CONFIG.exists():
+        import os
+
+        if not os.environ.get("TQ_CONFIG"):
+            config = DEFAULT_CONFIG
+    return load_settings(config, overrides={"redis.url": getattr(args, "redis", None), **overrides})
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tensorq", description="Redis-backed batched TorchScript inference pool"
+    )
+    parser.add_argument("--log-level", default="info", help="debug|info|warning|error")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
+    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        register: Callable[[Any], None] = entry.load()
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    configure_logging(args.log_level)
+    handler: Handler = args.func
+    try:
+        settings = settings_from_args(args)
+        return handler(args, settings)
+    except TensorQError as exc:
+        print(f"tensorq {args.verb}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

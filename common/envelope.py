@@ -1,0 +1,174 @@
+"""Request and result envelopes: versioned msgpack maps (see docs/protocol.md).
+
+``pack_*`` never validate (the caller built the values); ``unpack_*`` always
+do, and turn any malformed payload into ``ProtocolError`` carrying the
+request id whenever one could be read, so a worker can answer it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgpack
+import numpy as np
+
+from common.codec import DEFAULT_LIMITS, CodecLimits, decode_tensor, encode_tensor
+from common.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+Status = Literal["ok", "error", "expired", "cancelled"]
+STATUSES: tuple[str, ...] = ("ok", "error", "expired", "cancelled")
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+@dataclass
+class Request:
+    id: str
+    model: str
+    inputs: Arrays
+    deadline_ms: int | None = None
+    reply_to: str | None = None
+    priority: int = 0
+
+
+@dataclass
+class Result:
+    id: str
+    status: Status
+    outputs: Arrays = field(default_factory=dict)
+    error_code: str = ""
+    error_message: str = ""
+    queued_ms: float = 0.0
+    infer_ms: float = 0.0
+    batch_size: int = 0
+    worker: str = ""
+
+    @classmethod
+    def failure(
+        cls, request_id: str, status: Status, code: str, message: str, *, worker: str = ""
+    ) -> Result:
+        return cls(request_id, status, error_code=code, error_message=message, worker=worker)
+
+
+def pack_request(request: Request) -> bytes:
+    body: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "id": request.id,
+        "model": request.model,
+        "inputs": {k: encode_tensor(v) for k, v in request.inputs.items()},
+    }
+    if request.deadline_ms is not None:
+        body["deadline"] = request.deadline_ms
+    if request.reply_to:
+        body["reply_to"] = request.reply_to
+    if request.priority:
+        body["priority"] = request.priority
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def unpack_request(payload: bytes, limits: CodecLimits = DEFAULT_LIMITS) -> Request:
+    body = _unpack_map(payload, limits, "request")
+    request_id = body.get("id")
+    if not isinstance(request_id, str) or not request_id:
+        raise ProtocolError(f"request: 'id' must be a non-empty string, got {request_id!r:.40}")
+    try:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ProtocolError("request: 'model' must be a non-empty string")
+        raw_inputs = body.get("inputs")
+        if not isinstance(raw_inputs, Mapping) or not raw_inputs:
+            raise ProtocolError("request: 'inputs' must be a non-empty map of name -> tensor")
+        inputs = {}
+        for name, tensor in raw_inputs.items():
+            if not isinstance(name, str):
+                raise ProtocolError("request: input names must be strings")
+            inputs[name] = decode_tensor(tensor, limits, name=f"input {name!r}")
+        deadline = body.get("deadline")
+        if deadline is not None and type(deadline) is not int:
+            raise ProtocolError("request: 'deadline' must be an int (unix ms)")
+        reply_to = body.get("reply_to")
+        if reply_to is not None and not isinstance(reply_to, str):
+            raise ProtocolError("request: 'reply_to' must be a string")
+        priority = body.get("priority", 0)
+        if type(priority) is not int:
+            raise ProtocolError("request: 'priority' must be an int")
+    except ProtocolError as exc:
+        raise ProtocolError(exc.message, request_id=request_id) from None
+    return Request(request_id, model, inputs, deadline, reply_to, priority)
+
+
+def pack_result(result: Result, output_dtypes: Mapping[str, str] | None = None) -> bytes:
+    """``output_dtypes`` names wire dtypes the arrays cannot carry (bfloat16)."""
+    dtypes = output_dtypes or {}
+    body: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "id": result.id,
+        "status": result.status,
+        "queued_ms": round(result.queued_ms, 3),
+        "infer_ms": round(result.infer_ms, 3),
+        "batch_size": result.batch_size,
+        "worker": result.worker,
+    }
+    if result.status == "ok":
+        body["outputs"] = {k: encode_tensor(v, dtypes.get(k)) for k, v in result.outputs.items()}
+    else:
+        body["error"] = {"code": result.error_code, "message": result.error_message}
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def unpack_result(payload: bytes, limits: CodecLimits = DEFAULT_LIMITS) -> Result:
+    body = _unpack_map(payload, limits, "result")
+    request_id = body.get("id")
+    status = body.get("status")
+    if not isinstance(request_id, str) or status not in STATUSES:
+        raise ProtocolError("result: needs a string 'id' and a known 'status'")
+    try:
+        result = Result(
+            request_id,
+            status,
+            queued_ms=float(body.get("queued_ms", 0.0)),
+            infer_ms=float(body.get("infer_ms", 0.0)),
+            batch_size=int(body.get("batch_size", 0)),
+            worker=str(body.get("worker", "")),
+        )
+    except (TypeError, ValueError, OverflowError):
+        raise ProtocolError(
+            "result: 'queued_ms', 'infer_ms' and 'batch_size' must be numbers",
+            request_id=request_id,
+        ) from None
+    if status == "ok":
+        outputs = body.get("outputs")
+        if not isinstance(outputs, Mapping):
+            raise ProtocolError("result: 'outputs' must be a map", request_id=request_id)
+        try:
+            result.outputs = {
+                str(k): decode_tensor(v, limits, name=f"output {k!r}") for k, v in outputs.items()
+            }
+        except ProtocolError as exc:
+            raise ProtocolError(exc.message, request_id=request_id) from None
+    else:
+        error = body.get("error")
+        if isinstance(error, Mapping):
+            result.error_code = str(error.get("code", ""))
+            result.error_message = str(error.get("message", ""))
+    return result
+
+
+def _unpack_map(payload: bytes, limits: CodecLimits, what: str) -> dict[Any, Any]:
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise ProtocolError(f"{what}: expected msgpack bytes, got {type(payload).__name__}")
+    if len(payload) > limits.max_payload_bytes + 65536:
+        raise ProtocolError(
+            f"{what}: {len(payload)} bytes exceeds the limit of {limits.max_payload_bytes}"
+        )
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"{what}: not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{what}: expected a msgpack map, got {type(body).__name__}")
+    return body

@@ -1,0 +1,50 @@
+"""Every Redis key tensorq uses, built in one place.
+
+Layout (``tq`` is the configurable prefix; ``<x>`` a placeholder):
+
+    tq:q:<model>        stream of requests, consumer group ``workers``; field ``req``
+                        holds the msgpack request. Entries are XACKed and XDELed
+                        only after their result is written.
+    tq:r:<id>           the msgpack result, with a TTL (default 1 hour)
+    tq:inbox:<client>   list a waiting producer pops results from (BLMPOP); each
+                        element is a msgpack result; TTL renewed on each push
+    tq:dead:<model>     stream of dead letters: fields ``req`` (raw bytes) and ``reason``
+    tq:cancel:<id>      present (with a TTL) when a request was cancelled
+    tq:workers          hash: worker name -> JSON heartbeat and stats
+    tq:models           hash: model name -> JSON ModelSpec, written by workers
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONSUMER_GROUP = "workers"
+REQUEST_FIELD = "req"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "tq"
+
+    def queue(self, model: str) -> str:
+        return f"{self.prefix}:q:{model}"
+
+    def result(self, request_id: str) -> str:
+        return f"{self.prefix}:r:{request_id}"
+
+    def inbox(self, client_id: str) -> str:
+        return f"{self.prefix}:inbox:{client_id}"
+
+    def dead(self, model: str) -> str:
+        return f"{self.prefix}:dead:{model}"
+
+    def cancelled(self, request_id: str) -> str:
+        return f"{self.prefix}:cancel:{request_id}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"

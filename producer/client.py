@@ -1,0 +1,427 @@
+"""AsyncClient and Client: submit tensors, wait for results by request id.
+
+Requests are checked at submit against the metadata workers publish in
+``tq:models`` (unknown model, wrong dtype/shape raise at once) and enqueued
+with a Lua XADD that refuses past the model's ``max_queue_len``
+(``QueueFull``). Every request names this client's inbox in ``reply_to``;
+one reader task pops finished results from it in bulk (BLMPOP) and resolves
+the waiting futures, so thousands of waiting requests need one connection
+and no polling. Results stay fetchable by id from ``tq:r:<id>`` by anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Coroutine, Mapping, Sequence
+from concurrent.futures import Future as ThreadFuture
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from common.codec import as_wire_array, bf16_bits_to_float32
+from common.envelope import Request, Result, pack_request, unpack_result
+from common.errors import (
+    InferenceError,
+    QueueFull,
+    RedisUnavailable,
+    RequestTimeout,
+    TensorQError,
+    UnknownModel,
+)
+from common.keys import REQUEST_FIELD, Keys
+from common.redis_conn import blocking_client, check_reachable, mask_url, pooled_client
+from common.settings import RedisSettings, Settings
+from common.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 30.0
+_WAKE = b""  # pushed onto our own inbox to end a blocking pop at close
+
+# XADD only while the stream (queued + in flight: acked entries are deleted)
+# is below the limit; one round trip, atomic.
+_ENQUEUE_LUA = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[3])
+"""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One request for ``submit_many``."""
+
+    model: str
+    inputs: Mapping[str, Any]
+    request_id: str | None = None
+    timeout: float | None = None
+    priority: int = 0
+
+
+@dataclass
+class _Inbox:
+    key: str
+    waiters: dict[str, asyncio.Future[Result]] = field(default_factory=dict)
+
+
+class AsyncClient:
+    """``async with AsyncClient(url) as c: out = await c.infer("mlp", {"x": x})``."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        client_id: str | None = None,
+        inbox_block_s: float = 1.0,
+        redis: aioredis.Redis | None = None,
+    ) -> None:
+        """``redis`` shares an application's existing client (the gateway's
+        pool); the inbox reader still opens its own blocking connection."""
+        if settings is None:
+            settings = Settings(redis=RedisSettings(url=redis_url or ""))
+        elif redis_url:
+            settings = settings.replace(redis=_with_url(settings.redis, redis_url))
+        if not settings.redis.url:
+            raise TensorQError("AsyncClient needs a Redis URL")
+        self.settings = settings
+        self.keys = Keys(settings.redis.prefix)
+        self.client_id = client_id or uuid.uuid4().hex[:16]
+        self._inbox = _Inbox(self.keys.inbox(self.client_id))
+        self._block_s = inbox_block_s
+        self._redis: aioredis.Redis | None = None
+        self._given_redis = redis
+        self._reader: asyncio.Task[None] | None = None
+        self._closing = False
+        self._specs: dict[str, ModelSpec] = {}
+        self._enqueue_sha = ""
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def connect(self) -> AsyncClient:
+        redis = self._given_redis or pooled_client(self.settings.redis)
+        try:
+            await check_reachable(redis, self.settings.redis.url)
+        except RedisUnavailable:
+            if self._given_redis is None:
+                await redis.aclose()
+            raise
+        self._redis = redis
+        return self
+
+    async def close(self) -> None:
+        if self._redis is None:
+            return
+        self._closing = True
+        if self._reader is not None:
+            try:  # wake the blocking pop rather than cancel it mid-read
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.lpush(self._inbox.key, _WAKE)
+                    pipe.expire(self._inbox.key, 60)
+                    await pipe.execute()
+                await asyncio.wait_for(asyncio.shield(self._reader), self._block_s + 5)
+            except (RedisError, TimeoutError):
+                self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        for future in self._inbox.waiters.values():
+            future.cancel()
+        if self._given_redis is None:
+            await self._redis.aclose()
+        self._redis = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise TensorQError("client is not connected: use 'async with' or connect()")
+        return self._redis
+
+    # -- model metadata -------------------------------------------------------
+
+    async def models(self, *, refresh: bool = False) -> dict[str, ModelSpec]:
+        if refresh or not self._specs:
+            raw = await self._call(self.redis.hgetall(self.keys.models))
+            self._specs = {k.decode(): ModelSpec.from_json(v) for k, v in raw.items()}
+        return dict(self._specs)
+
+    async def spec(self, model: str) -> ModelSpec:
+        spec = self._specs.get(model) or (await self.models(refresh=True)).get(model)
+        if spec is None:
+            known = ", ".join(sorted(self._specs)) or "none"
+            raise UnknownModel(f"no worker serves model {model!r} (served: {known})")
+        return spec
+
+    # -- submitting -------------------------------------------------------------
+
+    async def submit(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> str:
+        """Enqueue one request; ``timeout`` becomes its deadline. Returns its id."""
+        ids = await self.submit_many([Submission(model, inputs, request_id, timeout, priority)])
+        return ids[0]
+
+    async def submit_many(self, submissions: Sequence[Submission]) -> list[str]:
+        """Validate all, then enqueue all in one pipelined round trip.
+
+        Each request is enqueued or refused on its own; if any was refused,
+        QueueFull names the first refused id and lists the rest in
+        ``.refused`` (the others are queued and can be waited for).
+        """
+        prepared = [await self._prepare(s) for s in submissions]
+        loop = asyncio.get_running_loop()
+        for request, _ in prepared:
+            self._inbox.waiters[request.id] = loop.create_future()
+        if self._reader is None:  # results of our own requests arrive in our inbox
+            self._reader = asyncio.create_task(self._read_inbox(), name=f"inbox-{self.client_id}")
+        if not self._enqueue_sha:
+            self._enqueue_sha = await self._call(self.redis.script_load(_ENQUEUE_LUA))
+        packed = [(self.keys.queue(r.model), limit, pack_request(r)) for r, limit in prepared]
+        try:
+            replies = await self._enqueue_all(packed)
+        except NoScriptError:  # Redis restarted and lost its script cache
+            self._enqueue_sha = await self._call(self.redis.script_load(_ENQUEUE_LUA))
+            replies = await self._enqueue_all(packed)
+        refused = [
+            (r, limit) for (r, limit), reply in zip(prepared, replies, strict=True) if not reply
+        ]
+        if refused:
+            for request, _ in refused:
+                self._inbox.waiters.pop(request.id, None)
+            first, limit = refused[0]
+            error = QueueFull(
+                f"queue of model {first.model!r} is at max_queue_len {limit}; "
+                f"{len(refused)} of {len(prepared)} request(s) refused",
+                request_id=first.id,
+            )
+            error.refused = [r.id for r, _ in refused]
+            raise error
+        return [request.id for request, _ in prepared]
+
+    async def _enqueue_all(self, packed: Sequence[tuple[str, int, bytes]]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for queue, limit, payload in packed:
+                pipe.evalsha(self._enqueue_sha, 1, queue, limit, REQUEST_FIELD, payload)
+            replies: list[Any] = await self._call(pipe.execute())
+            return replies
+
+    async def _prepare(self, submission: Submission) -> tuple[Request, int]:
+        spec = await self.spec(submission.model)
+        request_id = submission.request_id or uuid.uuid4().hex
+        arrays = {
+            name: as_wire_array(value, name=f"input {name!r}")
+            for name, value in submission.inputs.items()
+        }
+        spec.check_inputs(arrays, request_id=request_id)
+        deadline = None
+        if submission.timeout is not None:
+            deadline = int(time.time() * 1000 + submission.timeout * 1000)
+        request = Request(
+            request_id, submission.model, arrays, deadline, self._inbox.key, submission.priority
+        )
+        return request, int(spec.extra.get("max_queue_len", 100_000))
+
+    # -- results --------------------------------------------------------------
+
+    async def wait(self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S) -> Result:
+        """The full result envelope (status, outputs, timings) of a request."""
+        future = self._inbox.waiters.get(request_id)
+        if future is None:
+            return await self._fetch(request_id, timeout)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            stored = await self._get_stored(request_id)  # an inbox push may have been lost
+            if stored is not None:
+                return stored
+            raise RequestTimeout(f"no result within {timeout}s", request_id=request_id) from None
+        finally:
+            self._inbox.waiters.pop(request_id, None)
+
+    async def result(
+        self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Outputs as numpy arrays (bfloat16 widened to float32); raises on failure."""
+        return outputs_of(await self.wait(request_id, timeout))
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        priority: int = 0,
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        request_id = await self.submit(model, inputs, timeout=timeout, priority=priority)
+        return await self.result(request_id, timeout)
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask workers to skip a request they have not started (result ``cancelled``)."""
+        ttl = self.settings.redis.result_ttl_s
+        await self._call(self.redis.set(self.keys.cancelled(request_id), b"1", ex=ttl))
+
+    async def _fetch(self, request_id: str, timeout: float | None) -> Result:
+        """A request this client did not submit: read tq:r:<id>, polling with
+        backoff (only our own requests are pushed to our inbox)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            stored = await self._get_stored(request_id)
+            if stored is not None:
+                return stored
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise RequestTimeout(f"no result within {timeout}s", request_id=request_id)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    async def _get_stored(self, request_id: str) -> Result | None:
+        try:
+            raw: Any = await self.redis.get(self.keys.result(request_id))
+        except RedisError:
+            return None
+        return unpack_result(raw, self.settings.limits.codec()) if raw else None
+
+    async def _read_inbox(self) -> None:
+        conn = blocking_client(self.settings.redis, int(self._block_s * 1000))
+        attempts = 0
+        try:
+            while not self._closing:
+                try:
+                    reply: Any = await conn.blmpop(
+                        self._block_s, 1, self._inbox.key, direction="RIGHT", count=1024
+                    )
+                    attempts = 0
+                except RedisError as exc:
+                    attempts += 1
+                    delay = random.uniform(0, min(5.0, 0.05 * 2**attempts))
+                    log.warning("inbox read failed (%s); retry in %.2fs", exc, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                if reply:
+                    self._deliver(reply[1])
+        finally:
+            await conn.aclose()
+
+    def _deliver(self, blobs: Sequence[bytes]) -> None:
+        for blob in blobs:
+            if blob == _WAKE:
+                continue
+            try:
+                result = unpack_result(blob, self.settings.limits.codec())
+            except TensorQError as exc:
+                log.warning("dropping unreadable inbox entry: %s", exc)
+                continue
+            future = self._inbox.waiters.get(result.id)
+            if future is not None and not future.done():
+                future.set_result(result)
+
+    async def _call(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except NoScriptError:
+            raise
+        except RedisError as exc:
+            url = mask_url(self.settings.redis.url)
+            raise RedisUnavailable(f"Redis at {url}: {exc}") from None
+
+
+def outputs_of(result: Result) -> dict[str, np.ndarray[Any, Any]]:
+    """A result's outputs for users, or the typed error it stands for."""
+    if result.status == "ok":
+        return {
+            name: bf16_bits_to_float32(a) if a.dtype == np.uint16 else a
+            for name, a in result.outputs.items()
+        }
+    if result.status == "expired":
+        raise RequestTimeout(result.error_message or "request expired", request_id=result.id)
+    raise InferenceError(
+        result.error_message or result.status,
+        code=result.error_code or result.status,
+        request_id=result.id,
+    )
+
+
+def _with_url(redis_settings: RedisSettings, url: str) -> RedisSettings:
+    import dataclasses
+
+    return dataclasses.replace(redis_settings, url=url)
+
+
+class Client:
+    """The blocking twin of AsyncClient, for scripts: the same calls, run on a
+    private event loop in a background thread."""
+
+    def __init__(self, redis_url: str | None = None, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._async = AsyncClient(redis_url, **kwargs)
+        try:
+            self._run(self._async.connect())
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future: ThreadFuture[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result()
+
+    def submit(self, model: str, inputs: Mapping[str, Any], **kwargs: Any) -> str:
+        return self._run(self._async.submit(model, inputs, **kwargs))
+
+    def submit_many(self, submissions: Sequence[Submission]) -> list[str]:
+        return self._run(self._async.submit_many(submissions))
+
+    def wait(self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S) -> Result:
+        return self._run(self._async.wait(request_id, timeout))
+
+    def result(
+        self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        return self._run(self._async.result(request_id, timeout))
+
+    def infer(
+        self, model: str, inputs: Mapping[str, Any], **kwargs: Any
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        return self._run(self._async.infer(model, inputs, **kwargs))
+
+    def cancel(self, request_id: str) -> None:
+        self._run(self._async.cancel(request_id))
+
+    def models(self, *, refresh: bool = False) -> dict[str, ModelSpec]:
+        return self._run(self._async.models(refresh=refresh))
+
+    def close(self) -> None:
+        try:
+            self._run(self._async.close())
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,72 @@
+"""``tensorq status``: per model queued / pending / oldest pending age / dead
+letters, per worker device / alive / batches / mean batch / last seen."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from common.keys import CONSUMER_GROUP, Keys
+from common.redis_conn import check_reachable, pooled_client
+from common.settings import Settings
+
+STALE_MS = 5000  # a worker silent this long is shown as not alive
+
+
+async def collect_status(settings: Settings) -> dict[str, Any]:
+    keys = Keys(settings.redis.prefix)
+    redis = pooled_client(settings.redis)
+    try:
+        await check_reachable(redis, settings.redis.url)
+        now = time.time() * 1000
+        models: dict[str, Any] = {}
+        names: Any = await redis.hkeys(keys.models)
+        for raw_name in sorted(names):
+            name = raw_name.decode()
+            queue = keys.queue(name)
+            length = await redis.xlen(queue)
+            pending, oldest_ms = 0, 0.0
+            try:
+                summary = await redis.xpending(queue, CONSUMER_GROUP)
+                pending = int(summary["pending"])
+                if pending:
+                    first = await redis.xpending_range(queue, CONSUMER_GROUP, "-", "+", 1)
+                    oldest_ms = float(first[0]["time_since_delivered"]) if first else 0.0
+            except ResponseError:  # no group yet
+                pass
+            models[name] = {
+                "queued": max(0, length - pending),
+                "pending": pending,
+                "oldest_pending_ms": oldest_ms,
+                "dead_letters": await redis.xlen(keys.dead(name)),
+            }
+        workers = []
+        for raw in (await redis.hgetall(keys.workers)).values():
+            record = json.loads(raw)
+            record["alive"] = bool(record.get("alive")) and now - record["last_seen_ms"] < STALE_MS
+            record["last_seen_s_ago"] = round((now - record["last_seen_ms"]) / 1000, 1)
+            workers.append(record)
+        workers.sort(key=lambda r: r["name"])
+        return {"models": models, "workers": workers}
+    finally:
+        await redis.aclose()
+
+
+def format_status(report: dict[str, Any]) -> str:
+    lines = [f"{'model':<12}{'queued':>8}{'pending':>9}{'oldest ms':>11}{'dead':>7}"]
+    for name, m in report["models"].items():
+        lines.append(
+            f"{name:<12}{m['queued']:>8}{m['pending']:>9}"
+            f"{m['oldest_pending_ms']:>11.0f}{m['dead_letters']:>7}"
+        )
+    lines.append("")
+    lines.append(f"{'worker':<36}{'device':>8}{'alive':>7}{'batches':>9}{'mean':>7}{'seen':>7}")
+    for w in report["workers"]:
+        lines.append(
+            f"{w['name']:<36}{w['device']:>8}{'yes' if w['alive'] else 'no':>7}"
+            f"{w['batches']:>9}{w['mean_batch_rows']:>7.1f}{w['last_seen_s_ago']:>6.1f}s"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""tensorq tests: unit (fakeredis / pure) and integration (real redis-server, real processes)."""

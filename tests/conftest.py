@@ -1,0 +1,152 @@
+"""Fixtures: one real redis-server per session (unix socket, no persistence),
+a clean database per test, the example TorchScript models built once, and a
+factory for real worker pools (``tensorq worker`` subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from common.embedded_redis import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str = "") -> object:
+    """Poll a condition with backoff (waiting on state, never sleeping blind)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    with EmbeddedRedis() as url:
+        yield url
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    redis.Redis.from_url(redis_server).flushall()
+    return redis_server
+
+
+@pytest.fixture
+def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.examples import build_examples
+
+    directory = tmp_path_factory.mktemp("models")
+    build_examples(directory)
+    return directory
+
+
+def write_config(path: Path, models_dir: Path, *, extra: str = "", **model_overrides: str) -> Path:
+    """The example config, pointed at ``models_dir``; ``extra`` TOML appended."""
+    text = (ROOT / "config" / "tensorq.toml").read_text()
+    text = text.replace('path = "models/', f'path = "{models_dir}/')
+    path.write_text(text + "\n" + extra)
+    return path
+
+
+@dataclass
+class PoolHandle:
+    process: subprocess.Popen[bytes]
+    redis_url: str
+    log_path: Path
+    workers: int
+    stopped: bool = field(default=False)
+
+    def live_workers(self) -> list[dict[str, object]]:
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            raw = client.hgetall("tq:workers")
+        finally:
+            client.close()
+        now = time.time() * 1000
+        records = [json.loads(v) for v in raw.values()]
+        return [
+            r
+            for r in records
+            if r["alive"] and now - float(r["last_seen_ms"]) < 5000  # type: ignore[arg-type]
+        ]
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"pool exited early:\n{self.log()}")
+            return len(self.live_workers()) >= self.workers
+
+        wait_until(ready, timeout, f"{self.workers} live workers")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if not self.stopped:
+            self.stopped = True
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(
+                    f"pool did not stop within {timeout}s:\n{self.log()}"
+                ) from None
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_pool(tmp_path: Path) -> Iterator[Callable[..., PoolHandle]]:
+    pools: list[PoolHandle] = []
+
+    def start(
+        config: Path, redis_url: str, *, devices: str = "cpu*2", workers: int = 2,
+        env: dict[str, str] | None = None, wait: bool = True,
+    ) -> PoolHandle:  # fmt: skip
+        log_path = tmp_path / f"pool-{len(pools)}.log"
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "common.cli", "--log-level", "info", "worker",
+                "--config", str(config), "--redis", redis_url, "--devices", devices,
+            ],
+            cwd=ROOT,
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
+        handle = PoolHandle(process, redis_url, log_path, workers)
+        pools.append(handle)
+        if wait:
+            handle.wait_ready()
+        return handle
+
+    yield start
+    for pool in pools:
+        if not pool.stopped:
+            pool.stop()

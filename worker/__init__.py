@@ -1,0 +1,1 @@
+"""tensorq worker: process pool, device pinning, batched inference loop, model registry."""

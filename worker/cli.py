@@ -1,0 +1,71 @@
+"""The worker package's verbs: ``tensorq worker`` and ``tensorq models``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from common.cli import add_common_flags
+from common.embedded_redis import redis_url_or_embedded
+from common.redis_conn import check_reachable, pooled_client
+from common.settings import RedisSettings, Settings
+from worker.devices import parse_devices
+
+log = logging.getLogger(__name__)
+
+
+def worker_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser("worker", help="run the worker pool: one process per device")
+    add_common_flags(parser)
+    parser.add_argument(
+        "--devices", default=None, help="cuda:0,cuda:1 | cpu | cpu*2 | auto (default: config)"
+    )
+    parser.set_defaults(func=_run_worker)
+
+
+def models_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser("models", help="example models")
+    verbs = parser.add_subparsers(dest="models_verb", metavar="ACTION", required=True)
+    build = verbs.add_parser("build-examples", help="write the example TorchScript models")
+    build.add_argument("directory", type=Path, nargs="?", default=Path("config/models"))
+    build.set_defaults(func=_build_examples)
+
+
+def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.pool import WorkerPool
+
+    if args.devices:
+        settings = settings.replace(worker=_replace(settings.worker, devices=args.devices))
+    slots = parse_devices(settings.worker.devices, threads=settings.worker.threads)
+    with redis_url_or_embedded(settings.redis.url) as url:
+        if not settings.redis.url:
+            print(f"started a private redis-server at {url}", flush=True)
+        settings = settings.replace(redis=_replace(settings.redis, url=url))
+        asyncio.run(_check(settings.redis))
+        log.info("pool of %d on %s", len(slots), ", ".join(s.label for s in slots))
+        return WorkerPool(settings, slots, log_level=args.log_level).run()
+
+
+async def _check(redis_settings: RedisSettings) -> None:
+    client = pooled_client(redis_settings)
+    try:
+        await check_reachable(client, redis_settings.url)
+    finally:
+        await client.aclose()
+
+
+def _build_examples(args: argparse.Namespace, settings: Settings) -> int:
+    from worker.examples import build_examples
+
+    for name, path in build_examples(args.directory).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)

@@ -1,0 +1,87 @@
+"""One worker process: pin the device, import torch, load and warm the
+models, then serve on a uvloop event loop until SIGTERM.
+
+This module must not import torch at module level: under spawn the child
+imports it to find ``worker_main``, and CUDA_VISIBLE_DEVICES has to be in
+place before torch first loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from common.errors import ConfigError, RedisUnavailable
+from common.settings import Settings
+from worker.devices import DeviceSlot
+
+log = logging.getLogger(__name__)
+
+EXIT_FATAL = 3  # configuration errors: restarting would fail the same way
+
+
+def worker_main(slot: DeviceSlot, settings: Settings, name: str, log_level: str) -> None:
+    """Entry point of a spawned worker process."""
+    os.environ.update({k: v for k, v in slot.environment().items() if not k.startswith("MALLOC")})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which drains us
+    logging.basicConfig(
+        level=log_level.upper(), format=f"%(asctime)s %(levelname)s {name}: %(message)s"
+    )
+    import uvloop
+
+    try:
+        uvloop.run(_serve(slot, settings, name))
+    except (ConfigError, RedisUnavailable) as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(EXIT_FATAL)
+
+
+def device_report(slot: DeviceSlot) -> dict[str, Any]:
+    """What this process pinned, as torch sees it (published in heartbeats)."""
+    import torch
+
+    return {
+        "device": slot.label,
+        "torch_device": slot.torch_device,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_device_count": torch.cuda.device_count(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+async def _serve(slot: DeviceSlot, settings: Settings, name: str) -> None:
+    import asyncio
+
+    import torch
+
+    from common.redis_conn import check_reachable, pooled_client
+    from worker.execution import DeviceExecutor
+    from worker.registry import load_model
+    from worker.service import WorkerService
+
+    if slot.kind == "cpu":
+        torch.set_num_threads(slot.threads)
+    executor = DeviceExecutor(slot.torch_device)
+    models = [load_model(m, slot.torch_device, executor.run_one) for m in settings.models]
+    if not models:
+        raise ConfigError("no [[models]] configured: nothing to serve")
+    redis = pooled_client(settings.redis)
+    try:
+        await check_reachable(redis, settings.redis.url)
+        service = WorkerService(
+            settings=settings,
+            redis=redis,
+            models=models,
+            executor=executor,
+            name=name,
+            device_info=device_report(slot),
+        )
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, service.request_stop)
+        log.info("serving %s on %s", [m.name for m in models], slot.label)
+        await service.run()
+    finally:
+        await redis.aclose()

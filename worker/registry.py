@@ -1,0 +1,70 @@
+"""Model registry: load each configured TorchScript file onto the worker's
+device, check its outputs against the config by a warm-up forward, and give
+it a version (config entry + file content hash) for ``tq:models``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.codec import WIRE_DTYPES
+from common.errors import ConfigError
+from common.settings import ModelConfig
+from common.spec import ModelSpec, TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    config: ModelConfig
+    spec: ModelSpec
+    module: Any  # torch.jit.ScriptModule
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+def model_version(config: ModelConfig) -> str:
+    digest = hashlib.sha256(config.path.read_bytes())
+    digest.update(repr(config.spec()).encode())
+    return digest.hexdigest()[:12]
+
+
+def load_model(config: ModelConfig, device: str, run: Any) -> LoadedModel:
+    """Load, warm up through ``run(model, inputs) -> outputs``, and check outputs."""
+    if not config.path.exists():
+        raise ConfigError(f"model {config.name!r}: file {config.path} does not exist")
+    try:
+        module = torch.jit.load(str(config.path), map_location=device)  # type: ignore[no-untyped-call]
+    except Exception as exc:  # torch raises RuntimeError/ValueError variants
+        raise ConfigError(f"model {config.name!r}: cannot load {config.path}: {exc}") from None
+    module.eval()
+    loaded = LoadedModel(config, config.spec(model_version(config)), module)
+    example = {t.name: _example_input(t) for t in config.inputs}
+    try:
+        outputs = run(loaded, example)
+    except Exception as exc:
+        raise ConfigError(f"model {config.name!r}: warm-up forward failed: {exc}") from None
+    for tensor in config.outputs:
+        array = outputs[tensor.name]
+        if array.ndim != len(tensor.shape) + 1:
+            raise ConfigError(
+                f"model {config.name!r}: output {tensor.name!r} has {array.ndim - 1} dims "
+                f"after the batch axis, config declares shape {list(tensor.shape)}"
+            )
+    log.info("model loaded: %s version %s on %s", config.name, loaded.spec.version, device)
+    return loaded
+
+
+def _example_input(tensor: TensorSpec) -> np.ndarray[Any, Any]:
+    shape = tuple(1 if d < 0 else d for d in tensor.shape)
+    fill = 1 if tensor.dtype not in ("float32", "float16", "bfloat16", "float64") else 0
+    return np.full((1, *shape), fill, dtype=WIRE_DTYPES[tensor.dtype])
