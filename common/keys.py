@@ -9,7 +9,9 @@ Layout (``tq`` is the configurable prefix; ``<x>`` a placeholder):
     tq:inbox:<client>   list a waiting producer pops results from (BLMPOP); each
                         element is a msgpack result; TTL renewed on each push
     tq:dead:<model>     stream of dead letters: fields ``req`` (raw bytes) and ``reason``
-    tq:cancel:<id>      present (with a TTL) when a request was cancelled
+    tq:cancel:<id>      present (with a TTL) when a request was cancelled; the id is
+                        also published on the channel ``tq:cancelled`` so workers
+                        need no round trip per batch to notice it
     tq:workers          hash: worker name -> JSON heartbeat and stats
     tq:models           hash: model name -> JSON ModelSpec, written by workers
 """
@@ -40,6 +42,11 @@ class Keys:
 
     def cancelled(self, request_id: str) -> str:
         return f"{self.prefix}:cancel:{request_id}"
+
+    @property
+    def cancel_channel(self) -> str:
+        """Pub/sub channel carrying the ids of cancelled requests."""
+        return f"{self.prefix}:cancelled"
 
     @property
     def workers(self) -> str:

@@ -142,6 +142,8 @@ class ModelSpec:
 
 
 def _fits(actual: tuple[int, ...], declared: tuple[int, ...]) -> bool:
+    if actual == declared:  # the common case: no variable axis
+        return True
     return all((d == VARIABLE and a >= 1) or a == d for a, d in zip(actual, declared, strict=True))
 
 

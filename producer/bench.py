@@ -1,15 +1,207 @@
-"""``tensorq bench`` (being written)."""
+"""``tensorq bench``: tensorq's throughput and latency against two references
+measured in the same run on the same machine, printed as ratios:
+
+(a) the model called in-process on batches of the size the pool formed, one
+    process per worker slot with the same thread count and malloc settings;
+(b) the bare Redis transport: XADD -> XREADGROUP COUNT 256 -> pipelined
+    SET + XACK, no model, no decode, with the same payload size.
+
+Throughput is measured open-loop (all requests submitted in pipelined chunks,
+then every result awaited), as is the bare transport; latency closed-loop
+with M concurrent producers; idle overhead with one request at a time.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from typing import Any
 
+import numpy as np
+import redis.asyncio as aioredis
+
+from common.envelope import Request, pack_request
+from common.keys import REQUEST_FIELD
+from common.runtime_env import MALLOC_ENV
 from common.settings import Settings
+from producer.client import AsyncClient, Submission
+from producer.loadgen import random_inputs, run_load
+from producer.stack import ensure_example_models, expected_workers, local_stack
+
+CHUNK = 256
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="mlp")
+    parser.add_argument("--model", default="mlp", help="model to load (default mlp)")
+    parser.add_argument("--requests", type=int, default=20000, help="requests for throughput")
+    parser.add_argument("--rows", type=int, default=1, help="rows per request")
+    parser.add_argument("--concurrency", type=int, default=64, help="producers for latency")
+    parser.add_argument("--devices", default="cpu", help="worker devices (default cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads per worker and reference"
+    )
+    parser.add_argument(
+        "--producer-nice", type=int, default=10, help="niceness of the load generator (0: off)"
+    )
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
 
 
 def run_bench(args: argparse.Namespace, settings: Settings) -> int:
-    raise NotImplementedError
+    settings = settings.replace(worker=replace(settings.worker, threads=args.threads))
+    ensure_example_models(settings)
+    model = settings.model(args.model)
+    slots = expected_workers(args.devices) or 1
+    env = {**MALLOC_ENV, "TQ_WORKER_THREADS": str(args.threads)}
+    print(
+        f"tensorq bench: model {model.name}, {args.requests} requests x {args.rows} row(s), "
+        f"devices {args.devices} ({slots} worker(s) x {args.threads} thread(s))",
+        flush=True,
+    )
+    with local_stack(settings, devices=args.devices, extra_env=env) as stack:
+        # The load generator stands in for producers on other machines: on a
+        # small box it yields the CPU to the system under test (workers, Redis
+        # and the references keep normal priority).
+        os.nice(args.producer_nice)
+        figures = asyncio.run(_measure(stack.redis_url, settings, args))
+        figures["bare_items_per_s"] = asyncio.run(
+            _bare_transport(stack.redis_url, figures["payload_bytes"], args.requests)
+        )
+    batch = max(1, round(figures["mean_batch_rows"]))
+    figures["inprocess_batch"] = batch
+    figures["inprocess_items_per_s"] = _inprocess(
+        str(model.path), figures["spec_json"], batch, args.threads, slots
+    )
+    _report(figures)
+    if args.json:
+        print(json.dumps({k: v for k, v in figures.items() if k != "spec_json"}, indent=2))
+    return 0
+
+
+async def _measure(url: str, settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    async with AsyncClient(url, settings=settings) as client:
+        spec = await client.spec(args.model)
+        payloads = [random_inputs(spec.inputs, args.rows, rng) for _ in range(args.requests)]
+        # warm-up: let every worker see traffic before the clock starts
+        await _open_loop(client, args.model, payloads[: min(2000, len(payloads))])
+        throughput, mean_batch = await _open_loop(client, args.model, payloads)
+        closed = await run_load(
+            client,
+            args.model,
+            lambda i: payloads[i],
+            requests=min(len(payloads), 10 * args.concurrency * 10),
+            concurrency=args.concurrency,
+        )
+        idle = []
+        for payload in payloads[:200]:
+            t0 = time.perf_counter()
+            result = await client.wait(await client.submit(args.model, payload))
+            idle.append((time.perf_counter() - t0) * 1000 - result.infer_ms)
+    request = Request("x" * 32, args.model, dict(payloads[0]), reply_to="tq:inbox:x")
+    return {
+        "model": args.model,
+        "rows_per_request": args.rows,
+        "items_per_s": throughput,
+        "mean_batch_rows": mean_batch,
+        "closed_loop_items_per_s": closed.items_per_s,
+        "concurrency": args.concurrency,
+        "p50_ms": closed.p50_ms,
+        "p99_ms": closed.p99_ms,
+        "idle_overhead_p50_ms": float(np.percentile(idle, 50)),
+        "idle_overhead_p99_ms": float(np.percentile(idle, 99)),
+        "payload_bytes": len(pack_request(request)),
+        "spec_json": spec.to_json(),
+    }
+
+
+async def _open_loop(client: AsyncClient, model: str, payloads: list[Any]) -> tuple[float, float]:
+    """Submit everything in pipelined chunks, then await every result."""
+    start = time.perf_counter()
+    ids: list[str] = []
+    for i in range(0, len(payloads), CHUNK):
+        chunk = payloads[i : i + CHUNK]
+        ids += await client.submit_many([Submission(model, p) for p in chunk])
+    results = [await client.wait(i, timeout=300) for i in ids]
+    elapsed = time.perf_counter() - start
+    rows = sum((r.outputs and next(iter(r.outputs.values())).shape[0]) or 0 for r in results)
+    return rows / elapsed, float(np.mean([r.batch_size for r in results]))
+
+
+async def _bare_transport(url: str, payload_bytes: int, count: int) -> float:
+    """Reference (b): the same number of same-size payloads through a bare
+    stream consumer in its own process."""
+    stream = "bench:bare"
+    redis = aioredis.Redis.from_url(url)
+    await redis.delete(stream, f"{stream}:done", f"{stream}:ready")
+    await redis.xgroup_create(stream, "bench", id="0", mkstream=True)
+    consumer = subprocess.Popen(
+        [sys.executable, "-m", "producer.reference", "bare", "--redis", url,
+         "--stream", stream, "--count", str(count)],
+        preexec_fn=_normal_priority,
+    )  # fmt: skip
+    await redis.blpop([f"{stream}:ready"], timeout=60)  # its start-up is not transport time
+    payload = os.urandom(payload_bytes)
+    start = time.perf_counter()
+    for i in range(0, count, CHUNK):
+        async with redis.pipeline(transaction=False) as pipe:
+            for _ in range(min(CHUNK, count - i)):
+                pipe.xadd(stream, {REQUEST_FIELD: payload})
+            await pipe.execute()
+    await redis.blpop([f"{stream}:done"], timeout=300)
+    elapsed = time.perf_counter() - start
+    consumer.wait(30)
+    await redis.delete(stream)
+    await redis.aclose()
+    return count / elapsed
+
+
+def _inprocess(path: str, spec_json: str, batch: int, threads: int, slots: int) -> float:
+    """Reference (a): one process per worker slot, run at the same time, summed."""
+    env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(threads)}
+    cmd = [
+        sys.executable, "-m", "producer.reference", "inprocess", "--model", path,
+        "--spec", spec_json, "--batch", str(batch), "--threads", str(threads),
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, preexec_fn=_normal_priority)
+        for _ in range(slots)
+    ]
+    total = 0.0
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        total += json.loads(out)["items_per_s"]
+    return total
+
+
+def _normal_priority() -> None:
+    """Undo the load generator's niceness in a reference process (root only)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+
+
+def _report(f: dict[str, Any]) -> None:
+    ratio_a = f["items_per_s"] / f["inprocess_items_per_s"]
+    ratio_b = f["items_per_s"] / f["bare_items_per_s"]
+    print(
+        f"  tensorq throughput (open loop)   {f['items_per_s']:>10,.0f} items/s"
+        f"   mean batch {f['mean_batch_rows']:.1f} rows\n"
+        f"  tensorq latency ({f['concurrency']} producers)  "
+        f"{f['closed_loop_items_per_s']:>10,.0f} items/s   p50 {f['p50_ms']:.2f} ms"
+        f"   p99 {f['p99_ms']:.2f} ms\n"
+        f"  idle single request              overhead over compute p50 "
+        f"{f['idle_overhead_p50_ms']:.2f} ms, p99 {f['idle_overhead_p99_ms']:.2f} ms\n"
+        f"  (a) model in-process, batch {f['inprocess_batch']:<4} "
+        f"{f['inprocess_items_per_s']:>10,.0f} items/s   tensorq/in-process = {ratio_a:.2f}\n"
+        f"  (b) bare Redis round trip        {f['bare_items_per_s']:>10,.0f} items/s"
+        f"   tensorq/bare = {ratio_b:.2f}   ({f['payload_bytes']} B payloads)",
+        flush=True,
+    )
+    f["ratio_inprocess"] = ratio_a
+    f["ratio_bare"] = ratio_b

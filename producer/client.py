@@ -12,6 +12,7 @@ and no polling. Results stay fetchable by id from ``tq:r:<id>`` by anyone.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import threading
@@ -47,11 +48,20 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 30.0
 _WAKE = b""  # pushed onto our own inbox to end a blocking pop at close
 
-# XADD only while the stream (queued + in flight: acked entries are deleted)
-# is below the limit; one round trip, atomic.
+# XADD each payload (ARGV[3..]) while the stream (queued + in flight: acked
+# entries are deleted) is below the limit ARGV[1]; false for each refused one.
+# One call per model per submit_many, atomic.
 _ENQUEUE_LUA = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
-return redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[3])
+local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
+local ids = {}
+for i = 3, #ARGV do
+  if i - 2 > room then
+    ids[#ids + 1] = false
+  else
+    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[i])
+  end
+end
+return ids
 """
 
 
@@ -95,6 +105,9 @@ class AsyncClient:
         self.settings = settings
         self.keys = Keys(settings.redis.prefix)
         self.client_id = client_id or uuid.uuid4().hex[:16]
+        # Ids are this client's random id plus a counter: unique, and cheaper
+        # than a uuid4 (a getrandom syscall) per request.
+        self._ids = itertools.count()
         self._inbox = _Inbox(self.keys.inbox(self.client_id))
         self._block_s = inbox_block_s
         self._redis: aioredis.Redis | None = None
@@ -103,6 +116,8 @@ class AsyncClient:
         self._closing = False
         self._specs: dict[str, ModelSpec] = {}
         self._enqueue_sha = ""
+        self._outbox: list[tuple[list[tuple[Request, int]], asyncio.Future[list[Any]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -192,14 +207,7 @@ class AsyncClient:
             self._inbox.waiters[request.id] = loop.create_future()
         if self._reader is None:  # results of our own requests arrive in our inbox
             self._reader = asyncio.create_task(self._read_inbox(), name=f"inbox-{self.client_id}")
-        if not self._enqueue_sha:
-            self._enqueue_sha = await self._call(self.redis.script_load(_ENQUEUE_LUA))
-        packed = [(self.keys.queue(r.model), limit, pack_request(r)) for r, limit in prepared]
-        try:
-            replies = await self._enqueue_all(packed)
-        except NoScriptError:  # Redis restarted and lost its script cache
-            self._enqueue_sha = await self._call(self.redis.script_load(_ENQUEUE_LUA))
-            replies = await self._enqueue_all(packed)
+        replies = await self._enqueue_grouped(prepared)
         refused = [
             (r, limit) for (r, limit), reply in zip(prepared, replies, strict=True) if not reply
         ]
@@ -216,16 +224,66 @@ class AsyncClient:
             raise error
         return [request.id for request, _ in prepared]
 
-    async def _enqueue_all(self, packed: Sequence[tuple[str, int, bytes]]) -> list[Any]:
+    async def _enqueue_grouped(self, prepared: list[tuple[Request, int]]) -> list[Any]:
+        """Group commit: submits from concurrent tasks that arrive while an
+        enqueue round trip is in flight go out together in the next one, so
+        M concurrent producers cost one script call per model per round trip."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        self._outbox.append((prepared, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush_outbox())
+        return await future
+
+    async def _flush_outbox(self) -> None:
+        await asyncio.sleep(0)  # let submitters running in this same tick join
+        while self._outbox:
+            batch, self._outbox = self._outbox, []
+            flat = [item for prepared, _ in batch for item in prepared]
+            try:
+                replies = await self._enqueue_with_script(flat)
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            offset = 0
+            for prepared, future in batch:
+                if not future.done():
+                    future.set_result(replies[offset : offset + len(prepared)])
+                offset += len(prepared)
+
+    async def _enqueue_with_script(self, prepared: Sequence[tuple[Request, int]]) -> list[Any]:
+        if not self._enqueue_sha:
+            self._enqueue_sha = await self._call(self.redis.script_load(_ENQUEUE_LUA))
+        try:
+            return await self._enqueue_all(prepared)
+        except NoScriptError:  # Redis restarted and lost its script cache
+            self._enqueue_sha = await self._call(self.redis.script_load(_ENQUEUE_LUA))
+            return await self._enqueue_all(prepared)
+
+    async def _enqueue_all(self, prepared: Sequence[tuple[Request, int]]) -> list[Any]:
+        """One script call per model, pipelined; the stream entry id (or None
+        if refused) of each request, in order."""
+        groups: dict[str, list[int]] = {}
+        for index, (request, _) in enumerate(prepared):
+            groups.setdefault(request.model, []).append(index)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for queue, limit, payload in packed:
-                pipe.evalsha(self._enqueue_sha, 1, queue, limit, REQUEST_FIELD, payload)
+            for model, indices in groups.items():
+                limit = prepared[indices[0]][1]
+                payloads = [pack_request(prepared[i][0]) for i in indices]
+                queue = self.keys.queue(model)
+                pipe.evalsha(self._enqueue_sha, 1, queue, limit, REQUEST_FIELD, *payloads)
             replies: list[Any] = await self._call(pipe.execute())
-            return replies
+        entry_ids: list[Any] = [None] * len(prepared)
+        for indices, reply in zip(groups.values(), replies, strict=True):
+            for index, entry_id in zip(indices, reply, strict=True):
+                entry_ids[index] = entry_id
+        return entry_ids
 
     async def _prepare(self, submission: Submission) -> tuple[Request, int]:
         spec = await self.spec(submission.model)
-        request_id = submission.request_id or uuid.uuid4().hex
+        request_id = submission.request_id or f"{self.client_id}-{next(self._ids)}"
         arrays = {
             name: as_wire_array(value, name=f"input {name!r}")
             for name, value in submission.inputs.items()
@@ -276,7 +334,10 @@ class AsyncClient:
     async def cancel(self, request_id: str) -> None:
         """Ask workers to skip a request they have not started (result ``cancelled``)."""
         ttl = self.settings.redis.result_ttl_s
-        await self._call(self.redis.set(self.keys.cancelled(request_id), b"1", ex=ttl))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.cancelled(request_id), b"1", ex=ttl)
+            pipe.publish(self.keys.cancel_channel, request_id)
+            await self._call(pipe.execute())
 
     async def _fetch(self, request_id: str, timeout: float | None) -> Result:
         """A request this client did not submit: read tq:r:<id>, polling with

@@ -16,10 +16,7 @@ import subprocess
 from dataclasses import dataclass
 
 from common.errors import ConfigError
-
-# glibc's moving mmap threshold makes CPU TorchScript throughput swing 2x
-# between processes; fixed large values remove the swing (see README).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+from common.runtime_env import MALLOC_ENV
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,10 @@ def worker_main(slot: DeviceSlot, settings: Settings, name: str, log_level: str)
     )
     import uvloop
 
+    # The compute thread drops the GIL inside forward and must get it back
+    # quickly when forward returns; the default 5 ms switch interval lets the
+    # event-loop thread hold it long enough to idle the device between batches.
+    sys.setswitchinterval(0.0005)
     try:
         uvloop.run(_serve(slot, settings, name))
     except (ConfigError, RedisUnavailable) as exc:

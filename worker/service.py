@@ -40,6 +40,8 @@ from worker.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
+_CANCEL_MEMORY_S = 3600.0  # as long as a cancel key lives
+
 
 def now_ms() -> float:
     return time.time() * 1000.0
@@ -133,6 +135,8 @@ class WorkerService:
         self._work = asyncio.Event()
         self._writes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=4)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._cancelled: dict[str, float] = {}  # request id -> forget-after (monotonic)
+        self._listening_since_ms = float("inf")  # Redis time the cancel feed started
 
     def request_stop(self) -> None:
         if not self._stopping.is_set():
@@ -148,6 +152,7 @@ class WorkerService:
         side = [
             asyncio.create_task(self._heartbeat_loop()),
             asyncio.create_task(self._reclaim_loop()),
+            asyncio.create_task(self._listen_cancels()),
         ]
         writer = asyncio.create_task(self._write_loop())
         try:
@@ -234,6 +239,7 @@ class WorkerService:
                     dead.append((entry_id, raw or b"", exc.message))
                 continue
             good.append(Pending(entry_id, request, rows, redelivered))
+        good = await self._drop_answered(lane, good)
         if dead:
             await self._dead_letter(lane.queue, lane.model.name, dead)
         if rejected:
@@ -242,6 +248,62 @@ class WorkerService:
         if good:
             lane.push(good)
             self._work.set()
+
+    async def _drop_answered(self, lane: Lane, items: list[Pending]) -> list[Pending]:
+        """Check Redis for entries the pub/sub feed cannot vouch for: redelivered
+        ones (already answered? then just ack) and ones enqueued before our
+        cancel subscription started (cancelled while we were not listening?)."""
+        doubtful = [p for p in items if p.redelivered or p.enqueued_ms < self._listening_since_ms]
+        if not doubtful:
+            return items
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item in doubtful:
+                pipe.exists(self.keys.cancelled(item.request.id))
+                pipe.exists(self.keys.result(item.request.id))
+            try:
+                flags = await pipe.execute()
+            except RedisError as exc:  # compute anyway: a duplicate beats a loss
+                log.warning("cancel/result check failed: %s", exc)
+                return items
+        answered: list[Outcome] = []
+        for i, item in enumerate(doubtful):
+            if flags[2 * i + 1]:  # a result exists: ack without recomputing
+                answered.append(Outcome(lane.queue, item.entry_id, item.request.id, None, b""))
+            elif flags[2 * i]:
+                self._cancelled[item.request.id] = time.monotonic() + _CANCEL_MEMORY_S
+        if answered:
+            done = {o.entry_id for o in answered}
+            items = [p for p in items if p.entry_id not in done]
+            await self._writes.put(answered)
+        return items
+
+    async def _listen_cancels(self) -> None:
+        """Keep ``_cancelled`` fed from the cancel channel, resubscribing on loss."""
+        backoff = _Backoff()
+        while not self._stopping.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.cancel_channel)
+                seconds, micros = await self.redis.time()
+                self._listening_since_ms = seconds * 1000 + micros / 1000
+                backoff.reset()
+                while not self._stopping.is_set():
+                    message = await pubsub.get_message(timeout=self.settings.worker.block_ms / 1000)
+                    if message is not None:
+                        request_id = message["data"].decode(errors="replace")
+                        self._cancelled[request_id] = time.monotonic() + _CANCEL_MEMORY_S
+                    self._forget_old_cancels()
+            except RedisError as exc:
+                # Until resubscribed, every entry counts as doubtful.
+                self._listening_since_ms = float("inf")
+                await backoff.wait("cancel subscription", exc, self._stopping)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _forget_old_cancels(self) -> None:
+        now = time.monotonic()
+        if len(self._cancelled) > 1000 or (self._cancelled and now > min(self._cancelled.values())):
+            self._cancelled = {k: t for k, t in self._cancelled.items() if t > now}
 
     async def _dead_letter(
         self, queue: str, model: str, entries: Sequence[tuple[bytes, bytes, str]]
@@ -257,10 +319,21 @@ class WorkerService:
     # -- batching and compute ----------------------------------------------
 
     async def _batch_loop(self) -> None:
+        """Form batches and hand them to the compute thread.
+
+        While a batch computes, the next one is queued behind it only if it is
+        already full: then the device runs back to back without waiting for
+        the event loop. A partial batch waits for the running one to finish
+        and so collects whatever arrives meanwhile (the natural batching)."""
         loop = asyncio.get_running_loop()
+        running: deque[asyncio.Future[list[Outcome]]] = deque()
         turn = 0
         while True:
             ready = [lane for lane in self.lanes if lane.backlog]
+            full = [lane for lane in ready if lane.rows >= lane.model.spec.max_batch_size]
+            if running and (len(running) > 1 or not full):
+                await self._writes.put(await running.popleft())
+                continue
             if not ready:
                 if self._stopping.is_set() and all(lane.reader_done for lane in self.lanes):
                     return
@@ -269,18 +342,17 @@ class WorkerService:
                     continue
                 await self._work.wait()
                 continue
-            lane = ready[turn % len(ready)]
+            candidates = full if running else ready
+            lane = candidates[turn % len(candidates)]
             turn += 1
-            await self._fill_window(lane)
+            if not running:
+                await self._fill_window(lane)
             items = lane.take(lane.model.spec.max_batch_size)
             items = await self._drop_settled(lane, items)
-            if not items:
-                continue
-            started = now_ms()
-            outcomes = await loop.run_in_executor(
-                self._compute, self._compute_batch, lane, items, started
-            )
-            await self._writes.put(outcomes)
+            if items:
+                running.append(
+                    loop.run_in_executor(self._compute, self._compute_batch, lane, items)
+                )
 
     async def _fill_window(self, lane: Lane) -> None:
         """Wait up to max_delay_ms for more rows, but only while Redis is known
@@ -301,42 +373,31 @@ class WorkerService:
                 return
 
     async def _drop_settled(self, lane: Lane, items: list[Pending]) -> list[Pending]:
-        """Answer expired and cancelled requests, and ack redelivered requests
-        whose result already exists, without computing them."""
+        """Answer cancelled and expired requests without computing them.
+
+        Local checks only: cancellations arrive by pub/sub (``_listen_cancels``)
+        and entries older than the subscription were checked by the reader."""
         now = now_ms()
         keep: list[Pending] = []
         settled: list[Outcome] = []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for item in items:
-                pipe.exists(self.keys.cancelled(item.request.id))
-                if item.redelivered:
-                    pipe.exists(self.keys.result(item.request.id))
-            try:
-                flags = iter(await pipe.execute())
-            except RedisError as exc:  # compute anyway; the write will retry
-                log.warning("cancel/result check failed: %s", exc)
-                flags = iter([0] * (2 * len(items)))
         for item in items:
-            cancelled = next(flags)
-            answered = next(flags) if item.redelivered else 0
             request = item.request
-            if answered:
-                settled.append(Outcome(lane.queue, item.entry_id, request.id, None, b""))
-            elif cancelled:
+            if request.id in self._cancelled:
                 result = Result.failure(request.id, "cancelled", "cancelled", "request cancelled")
-                settled.append(self._outcome(lane.queue, item.entry_id, request.reply_to, result))
             elif request.deadline_ms is not None and request.deadline_ms < now:
                 result = Result.failure(
                     request.id, "expired", "expired", "deadline passed before compute"
                 )
-                settled.append(self._outcome(lane.queue, item.entry_id, request.reply_to, result))
             else:
                 keep.append(item)
+                continue
+            settled.append(self._outcome(lane.queue, item.entry_id, request.reply_to, result))
         if settled:
             await self._writes.put(settled)
         return keep
 
-    def _compute_batch(self, lane: Lane, items: list[Pending], started: float) -> list[Outcome]:
+    def _compute_batch(self, lane: Lane, items: list[Pending]) -> list[Outcome]:
+        started = now_ms()
         model = lane.model
         t0 = time.perf_counter()
         per_request = self.executor.run_batch(model, [p.request.inputs for p in items])
@@ -406,14 +467,17 @@ class WorkerService:
     async def _write(self, outcomes: Sequence[Outcome]) -> None:
         ttl = self.settings.redis.result_ttl_s
         by_queue: dict[str, list[bytes]] = {}
+        by_inbox: dict[str, list[bytes]] = {}
         async with self.redis.pipeline(transaction=False) as pipe:
             for out in outcomes:
                 if out.payload:
                     pipe.set(self.keys.result(out.request_id), out.payload, ex=ttl)
                     if out.reply_to:
-                        pipe.lpush(out.reply_to, out.payload)
-                        pipe.expire(out.reply_to, ttl)
+                        by_inbox.setdefault(out.reply_to, []).append(out.payload)
                 by_queue.setdefault(out.queue, []).append(out.entry_id)
+            for inbox, payloads in by_inbox.items():
+                pipe.lpush(inbox, *payloads)
+                pipe.expire(inbox, ttl)  # an abandoned inbox disappears
             for queue, ids in by_queue.items():
                 pipe.xack(queue, CONSUMER_GROUP, *ids)
                 pipe.xdel(queue, *ids)  # streams keep acked entries otherwise
