@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", help="debug|info|warning|error")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        register: Callable[[Any], None] = entry.load()
+        try:
+            register: Callable[[Any], None] = entry.load()
+        except ImportError as exc:  # a verb whose package is not installed
+            print(f"tensorq: verb {entry.name!r} unavailable: {exc}", file=sys.stderr)
+            continue
         register(subparsers)
     return parser
 
