@@ -63,10 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         try:
             register: Callable[[Any], None] = entry.load()
+            register(subparsers)
         except ImportError as exc:  # a verb whose package is not installed
             print(f"tensorq: verb {entry.name!r} unavailable: {exc}", file=sys.stderr)
-            continue
-        register(subparsers)
     return parser
 
 

@@ -18,9 +18,21 @@ from common.errors import ConfigError, RedisUnavailable
 class EmbeddedRedis:
     """``with EmbeddedRedis() as url: ...`` runs redis-server for the block."""
 
-    def __init__(self, *, extra_args: Sequence[str] = (), directory: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        extra_args: Sequence[str] = (),
+        directory: Path | None = None,
+        port: int | None = None,
+        password: str | None = None,
+    ) -> None:
+        """Unix socket by default; ``port`` listens on 127.0.0.1 instead.
+        ``password`` is the one the server requires (``--requirepass`` /
+        an ACL user in ``extra_args``), used for the readiness check."""
         self._extra_args = tuple(extra_args)
         self._given_dir = directory
+        self.port = port
+        self._password = password
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.socket: Path | None = None
@@ -29,6 +41,8 @@ class EmbeddedRedis:
     def url(self) -> str:
         if self.socket is None:
             raise RuntimeError("EmbeddedRedis is not started")
+        if self.port is not None:
+            return f"redis://127.0.0.1:{self.port}/0"
         return f"unix://{self.socket}"
 
     def start(self, timeout_s: float = 10.0) -> str:
@@ -46,7 +60,8 @@ class EmbeddedRedis:
         self.socket = directory / "redis.sock"
         args = [
             binary,
-            "--port", "0",
+            "--port", str(self.port or 0),
+            "--bind", "127.0.0.1",
             "--unixsocket", str(self.socket),
             "--unixsocketperm", "700",
             "--dir", str(directory),
@@ -72,7 +87,11 @@ class EmbeddedRedis:
                 raise RedisUnavailable(f"redis-server exited at start: {err.strip()[-500:]}")
             if self.socket is not None and self.socket.exists():
                 try:
-                    redis.Redis(unix_socket_path=str(self.socket)).ping()
+                    client = redis.Redis(unix_socket_path=str(self.socket), password=self._password)
+                    try:
+                        client.ping()
+                    finally:
+                        client.close()
                     return
                 except redis.RedisError:
                     pass

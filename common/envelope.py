@@ -158,6 +158,22 @@ def unpack_result(payload: bytes, limits: CodecLimits = DEFAULT_LIMITS) -> Resul
     return result
 
 
+def peek_id_and_reply_to(payload: bytes) -> tuple[str | None, str | None]:
+    """The ``id`` and ``reply_to`` of a request that may not validate, when
+    they can be read, so even a rejected request gets an answer."""
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception:
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    request_id, reply_to = body.get("id"), body.get("reply_to")
+    return (
+        request_id if isinstance(request_id, str) and request_id else None,
+        reply_to if isinstance(reply_to, str) else None,
+    )
+
+
 def _unpack_map(payload: bytes, limits: CodecLimits, what: str) -> dict[Any, Any]:
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise ProtocolError(f"{what}: expected msgpack bytes, got {type(payload).__name__}")

@@ -12,6 +12,9 @@ Layout (``tq`` is the configurable prefix; ``<x>`` a placeholder):
     tq:cancel:<id>      present (with a TTL) when a request was cancelled; the id is
                         also published on the channel ``tq:cancelled`` so workers
                         need no round trip per batch to notice it
+    tq:acc:<id>         JSON marker written by the gateway when it accepts an async request
+                        (POST /v1/models/<m>/requests), TTL = the result TTL: tells
+                        "pending" (202) from "unknown" (404) and refuses a reused id
     tq:workers          hash: worker name -> JSON heartbeat and stats
     tq:models           hash: model name -> JSON ModelSpec, written by workers
 """
@@ -39,6 +42,10 @@ class Keys:
 
     def dead(self, model: str) -> str:
         return f"{self.prefix}:dead:{model}"
+
+    def accepted(self, request_id: str) -> str:
+        """The gateway's marker of an accepted async request (see the layout above)."""
+        return f"{self.prefix}:acc:{request_id}"
 
     def cancelled(self, request_id: str) -> str:
         return f"{self.prefix}:cancel:{request_id}"

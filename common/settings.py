@@ -52,6 +52,23 @@ class WorkerSettings:
     drain_grace_s: float = 30.0
     heartbeat_s: float = 1.0
     threads: int = 0  # intra-op threads per CPU slot; 0 = cores / slots
+    crash_on_request_prefix: str = ""  # test-only fault hook: SIGKILL on such request ids
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """``tensorq gateway``: the HTTP front door (see producer/gateway)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 64 * 1024 * 1024  # larger bodies get 413
+    # Bearer tokens; empty = no auth. TQ_GATEWAY_TOKENS is comma separated.
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    sync_timeout_s: float = 30.0  # POST /v2/models/{m}/infer waits this long, then 504
+    max_wait_s: float = 60.0  # cap on the ?wait= long-poll of GET /v1/requests/{id}
+    poll_interval_ms: int = 50  # long-poll check for results this gateway did not submit
+    retry_after_s: int = 1  # Retry-After of a 429 (queue full)
+    spec_refresh_s: float = 5.0  # how often tq:models is re-read
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,7 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
     models: tuple[ModelConfig, ...] = ()
     config_path: Path | None = None
 
@@ -97,6 +115,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "redis": RedisSettings,
     "limits": LimitSettings,
     "worker": WorkerSettings,
+    "gateway": GatewaySettings,
 }
 
 
@@ -153,6 +172,8 @@ def load_settings(
 
 
 def _coerce(value: object, type_name: object, where: str) -> Any:
+    if str(type_name) == "tuple[str, ...]":  # a TOML list, or a comma-separated string
+        return _coerce_strings(value, where)
     kind = {"str": str, "int": int, "float": float, "bool": bool}.get(str(type_name), str)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
@@ -166,6 +187,14 @@ def _coerce(value: object, type_name: object, where: str) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__}")
+
+
+def _coerce_strings(value: object, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{where}: expected a list of strings, got {type(value).__name__}")
 
 
 _MODEL_KEYS = {

@@ -9,6 +9,7 @@ measured in the same run on the same machine, printed as ratios:
 Throughput is measured open-loop (all requests submitted in pipelined chunks,
 then every result awaited), as is the bare transport; latency closed-loop
 with M concurrent producers; idle overhead with one request at a time.
+``--http`` measures the gateway instead (producer/bench_http.py).
 """
 
 from __future__ import annotations
@@ -51,9 +52,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--producer-nice", type=int, default=10, help="niceness of the load generator (0: off)"
     )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="instead: sync OIP inference through the gateway against a bare aiohttp floor",
+    )
 
 
 def run_bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.http:
+        from producer.bench_http import run_http_bench
+
+        return run_http_bench(args, settings)
     settings = settings.replace(worker=replace(settings.worker, threads=args.threads))
     ensure_example_models(settings)
     model = settings.model(args.model)

@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from common.keys import CONSUMER_GROUP, Keys
@@ -16,9 +17,14 @@ from common.settings import Settings
 STALE_MS = 5000  # a worker silent this long is shown as not alive
 
 
-async def collect_status(settings: Settings) -> dict[str, Any]:
+async def collect_status(
+    settings: Settings, *, redis: aioredis.Redis | None = None
+) -> dict[str, Any]:
+    """``redis`` shares a caller's client (the gateway's pool at scrape time);
+    without it a client is opened and closed for this call."""
     keys = Keys(settings.redis.prefix)
-    redis = pooled_client(settings.redis)
+    given = redis
+    redis = given or pooled_client(settings.redis)
     try:
         await check_reachable(redis, settings.redis.url)
         now = time.time() * 1000
@@ -52,7 +58,8 @@ async def collect_status(settings: Settings) -> dict[str, Any]:
         workers.sort(key=lambda r: r["name"])
         return {"models": models, "workers": workers}
     finally:
-        await redis.aclose()
+        if given is None:
+            await redis.aclose()
 
 
 def format_status(report: dict[str, Any]) -> str:

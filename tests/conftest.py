@@ -36,6 +36,24 @@ def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str
         delay = min(delay * 1.5, 0.2)
 
 
+async def async_wait_until(
+    predicate: Callable[[], object], timeout: float = 60.0, what: str = ""
+) -> object:
+    """wait_until for tests whose event loop must keep running meanwhile."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
     with EmbeddedRedis() as url:
@@ -50,7 +68,8 @@ def redis_url(redis_server: str) -> str:
 
 @pytest.fixture
 def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+    # blocking reads in tests block for a few seconds: outlast them
+    client = redis.Redis.from_url(redis_url, socket_timeout=60)
     yield client
     client.close()
 

@@ -202,7 +202,7 @@ def test_shape_and_length_mismatch_is_a_protocol_error(
     st.sampled_from(DTYPE_NAMES),
     st.lists(st.integers(0, 4), max_size=3),
     st.one_of(
-        st.integers(max_value=-1),
+        st.integers(min_value=-(2**63), max_value=-1),
         st.floats(allow_nan=True),
         st.booleans(),
         st.none(),

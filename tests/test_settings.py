@@ -201,7 +201,7 @@ def test_bad_override_values_are_config_errors() -> None:
     ("text", "match"),
     [
         ('[redsi]\nurl = "x"\n', "redsi"),
-        ("[gateway]\nport = 80\n", "gateway"),
+        ("[gatewya]\nport = 80\n", "gatewya"),
         ('[redis]\nurll = "x"\n', "urll"),
         ("[worker]\nblock_msec = 5\n", "block_msec"),
         ("redis = 5\n", "redis"),

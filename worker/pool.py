@@ -64,6 +64,7 @@ class _Child:
     started: float = 0.0
     failures: int = 0
     restart_at: float | None = None
+    ready: Any = None  # multiprocessing Event the child sets once serving
 
 
 class WorkerPool:
@@ -86,10 +87,9 @@ class WorkerPool:
         os.write(self._wake_w, b"x")
 
     def _spawn(self, child: _Child) -> None:
-        process = spawn_pinned(
-            child.slot, worker_main, (child.slot, self.settings, child.name, self.log_level),
-            child.name,
-        )  # fmt: skip
+        child.ready = _SPAWN.Event()
+        args = (child.slot, self.settings, child.name, self.log_level, child.ready)
+        process = spawn_pinned(child.slot, worker_main, args, child.name)
         child.process = process
         child.started = time.monotonic()
         child.restart_at = None
@@ -130,8 +130,11 @@ class WorkerPool:
                     self._stop = True
                     return
                 ran = now - child.started
-                child.failures = 0 if ran > 60 else child.failures + 1
-                delay = min(30.0, 0.25 * 2 ** max(0, child.failures - 1))
+                # A worker that died while serving restarts at once; one that
+                # dies before it is ready is crash-looping and backs off.
+                served = child.ready is not None and child.ready.is_set()
+                child.failures = 0 if served else child.failures + 1
+                delay = min(30.0, 0.25 * 2**child.failures)
                 child.restart_at = now + delay
                 log.warning(
                     "worker %s died (exit code %s) after %.1fs; restarting in %.2fs",

@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 EXIT_FATAL = 3  # configuration errors: restarting would fail the same way
 
 
-def worker_main(slot: DeviceSlot, settings: Settings, name: str, log_level: str) -> None:
-    """Entry point of a spawned worker process."""
+def worker_main(
+    slot: DeviceSlot, settings: Settings, name: str, log_level: str, ready: Any = None
+) -> None:
+    """Entry point of a spawned worker process; sets ``ready`` (an Event) once serving."""
     os.environ.update({k: v for k, v in slot.environment().items() if not k.startswith("MALLOC")})
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which drains us
     logging.basicConfig(
@@ -37,7 +39,7 @@ def worker_main(slot: DeviceSlot, settings: Settings, name: str, log_level: str)
     # event-loop thread hold it long enough to idle the device between batches.
     sys.setswitchinterval(0.0005)
     try:
-        uvloop.run(_serve(slot, settings, name))
+        uvloop.run(_serve(slot, settings, name, ready))
     except (ConfigError, RedisUnavailable) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(EXIT_FATAL)
@@ -57,7 +59,7 @@ def device_report(slot: DeviceSlot) -> dict[str, Any]:
     }
 
 
-async def _serve(slot: DeviceSlot, settings: Settings, name: str) -> None:
+async def _serve(slot: DeviceSlot, settings: Settings, name: str, ready: Any) -> None:
     import asyncio
 
     import torch
@@ -86,6 +88,8 @@ async def _serve(slot: DeviceSlot, settings: Settings, name: str) -> None:
         )
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, service.request_stop)
         log.info("serving %s on %s", [m.name for m in models], slot.label)
+        if ready is not None:
+            ready.set()
         await service.run()
     finally:
         await redis.aclose()

@@ -1,0 +1,272 @@
+"""Nothing lost: real kills, hostile entries, poison requests, deadlines,
+cancellation and backpressure, against a real redis-server and real worker
+processes. Every request ends in exactly one terminal result or stays queued."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import redis
+
+from common.codec import encode_tensor
+from common.envelope import Request, pack_request, unpack_result
+from common.errors import QueueFull, RequestTimeout
+from common.keys import Keys
+from common.spec import ModelSpec, TensorSpec
+from producer import AsyncClient, Submission
+from tests.conftest import PoolHandle, wait_until, write_config
+
+KEYS = Keys()
+INBOX = "test:inbox"
+
+
+def raw_request(request_id: str, *, deadline_ms: int | None = None, rows: int = 1) -> bytes:
+    x = np.full((rows, 256), 0.5, np.float32)
+    return pack_request(Request(request_id, "mlp", {"x": x}, deadline_ms, INBOX))
+
+
+def pop_results(client: redis.Redis, timeout: float = 5) -> list[Any]:
+    """Everything pushed to the test inbox (blocking briefly for the first)."""
+    reply: Any = client.blmpop(timeout, 1, INBOX, direction="RIGHT", count=1000)
+    return [unpack_result(blob) for blob in reply[1]] if reply else []
+
+
+@pytest.fixture
+def config(tmp_path: Path, models_dir: Path) -> Path:
+    return write_config(tmp_path / "tensorq.toml", models_dir)
+
+
+def test_chaos_sigkill_loses_nothing(
+    config: Path, redis_url: str, sync_redis: redis.Redis, start_pool: Callable[..., PoolHandle]
+) -> None:
+    # max_deliveries is raised so that an innocent request held by a worker
+    # killed three times in a row is not taken for a poison one.
+    pool = start_pool(config, redis_url, env={"TQ_WORKER_MAX_DELIVERIES": "20"})
+    total = 10_000
+    ids = [f"chaos-{i}" for i in range(total)]
+    for start in range(0, total, 500):
+        pipe = sync_redis.pipeline(transaction=False)
+        for request_id in ids[start : start + 500]:
+            pipe.xadd(KEYS.queue("mlp"), {"req": raw_request(request_id)})
+        pipe.execute()
+    seen: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    killed: set[int] = set()
+    next_kill = 300
+    deadline = time.monotonic() + 240
+    while len(seen) < total and time.monotonic() < deadline:
+        for result in pop_results(sync_redis):
+            seen[result.id] += 1
+            statuses[result.status] += 1
+        if len(seen) >= next_kill:
+            victims = [
+                int(w["pid"])
+                for w in pool.live_workers()
+                if int(w["pid"]) not in killed  # type: ignore[call-overload]
+            ]
+            if victims:
+                victim = random.choice(victims)
+                os.kill(victim, signal.SIGKILL)
+                killed.add(victim)
+                next_kill += 300
+    print(f"chaos: {len(seen)} ids answered, {len(killed)} workers killed, statuses {statuses}")
+    assert set(seen) == set(ids)  # every request answered ...
+    assert max(seen.values()) == 1  # ... exactly once
+    assert statuses == {"ok": total}
+    assert len(killed) >= 5
+    assert pool.process.poll() is None  # the pool itself survived
+    assert sync_redis.xlen(KEYS.queue("mlp")) == 0
+
+
+def test_hostile_entries_never_kill_a_worker(
+    config: Path, redis_url: str, sync_redis: redis.Redis, start_pool: Callable[..., PoolHandle]
+) -> None:
+    pool = start_pool(config, redis_url)
+    pids = sorted(int(w["pid"]) for w in pool.live_workers())  # type: ignore[call-overload]
+    rng = random.Random(7)
+    good = [f"good-{i}" for i in range(1000)]
+    answerable: list[str] = []  # garbage whose id can be read
+    unreadable = 0
+    entries: list[dict[str, bytes]] = []
+    x = encode_tensor(np.ones((1, 256), np.float32))
+    for i in range(1000):
+        gid = f"bad-{i}"
+        kind = i % 10
+        if kind == 0:
+            entries.append({"req": rng.randbytes(rng.randint(0, 300))})
+            unreadable += 1
+        elif kind == 1:
+            entries.append({"other": b"field"})
+            unreadable += 1
+        elif kind == 2:
+            entries.append({"req": msgpack.packb([1, 2, 3])})
+            unreadable += 1
+        elif kind == 3:  # missing id
+            entries.append({"req": msgpack.packb({"model": "mlp", "inputs": {"x": x}})})
+            unreadable += 1
+        else:
+            body: dict[str, Any] = {"id": gid, "model": "mlp", "reply_to": INBOX}
+            if kind == 4:
+                body["inputs"] = {"x": {"dtype": "complex128", "shape": [1, 256], "data": b""}}
+            elif kind == 5:
+                body["inputs"] = {"x": {"dtype": "float32", "shape": [2**40, 2**40], "data": b""}}
+            elif kind == 6:
+                body["inputs"] = {
+                    "x": {"dtype": "float32", "shape": [1, 255], "data": b"\0" * 1020}
+                }
+            elif kind == 7:
+                body["inputs"] = "not a map"
+            elif kind == 8:
+                body["inputs"] = {"x": x}
+                body["model"] = "other"
+            else:
+                body["inputs"] = {"x": x}
+                body["deadline"] = "soon"
+            entries.append({"req": msgpack.packb(body, use_bin_type=True)})
+            answerable.append(gid)
+    mixed: list[dict[str, bytes]] = []
+    for i, fields in enumerate(entries):
+        mixed.append(fields)
+        mixed.append({"req": raw_request(good[i])})
+    pipe = sync_redis.pipeline(transaction=False)
+    for fields in mixed:
+        pipe.xadd(KEYS.queue("mlp"), fields)  # type: ignore[arg-type]
+    pipe.execute()
+    results: dict[str, Any] = {}
+    wait_until(
+        lambda: (
+            results.update({r.id: r for r in pop_results(sync_redis, 1)})
+            or len(results) >= len(good) + len(answerable)
+        ),
+        120,
+        "all answerable results",
+    )
+    assert all(results[i].status == "ok" for i in good)
+    assert all(results[i].status == "error" for i in answerable)
+    codes = Counter(results[i].error_code for i in answerable)
+    assert set(codes) <= {"protocol_error", "invalid_input"}
+    assert sync_redis.xlen(KEYS.dead("mlp")) == unreadable
+    assert sync_redis.xlen(KEYS.queue("mlp")) == 0
+    assert sorted(int(w["pid"]) for w in pool.live_workers()) == pids  # type: ignore[call-overload]
+
+
+def test_poison_request_goes_to_dead_letters_and_spares_its_batch(
+    config: Path, redis_url: str, sync_redis: redis.Redis, start_pool: Callable[..., PoolHandle]
+) -> None:
+    start_pool(
+        config, redis_url, devices="cpu", workers=1,
+        env={"TQ_WORKER_CRASH_ON_REQUEST_PREFIX": "poison-"},
+    )  # fmt: skip
+    ids = [f"n-{i}" for i in range(40)]
+    ids.insert(20, "poison-1")  # in the middle of the same batch
+    pipe = sync_redis.pipeline(transaction=False)
+    for request_id in ids:
+        pipe.xadd(KEYS.queue("mlp"), {"req": raw_request(request_id)})
+    pipe.execute()
+    results: dict[str, Any] = {}
+    wait_until(
+        lambda: (
+            results.update({r.id: r for r in pop_results(sync_redis, 1)})
+            or len(results) >= len(ids)
+        ),
+        180,
+        "every result, the poison one included",
+    )
+    assert all(results[i].status == "ok" for i in ids if i != "poison-1")
+    poison = results["poison-1"]
+    assert (poison.status, poison.error_code) == ("error", "poison")
+    letters = sync_redis.xrange(KEYS.dead("mlp"))
+    assert len(letters) == 1
+    assert b"delivered 3 times" in letters[0][1][b"reason"]
+    assert msgpack.unpackb(letters[0][1][b"req"], raw=False)["id"] == "poison-1"
+
+
+async def test_expired_request_is_answered_without_compute(
+    config: Path, redis_url: str, sync_redis: redis.Redis, start_pool: Callable[..., PoolHandle]
+) -> None:
+    start_pool(config, redis_url)
+    past = int(time.time() * 1000) - 10_000
+    sync_redis.xadd(KEYS.queue("mlp"), {"req": raw_request("late", deadline_ms=past)})
+    sync_redis.xadd(KEYS.queue("mlp"), {"req": raw_request("timely")})
+    results = {r.id: r for r in wait_until(lambda: pop_results(sync_redis, 1), 60, "results")}  # type: ignore[union-attr]
+    while len(results) < 2:
+        results.update({r.id: r for r in pop_results(sync_redis, 5)})
+    assert results["late"].status == "expired"
+    assert results["late"].batch_size == 0 and not results["late"].outputs  # no compute
+    assert results["timely"].status == "ok"
+    async with AsyncClient(redis_url) as client:
+        with pytest.raises(RequestTimeout, match="deadline"):
+            await client.result("late", timeout=5)  # an expired result is a timeout
+
+
+async def test_deadline_is_written_into_the_request(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    spec = ModelSpec("m", (TensorSpec("x", "float32", (2,)),), (TensorSpec("y", "float32", (2,)),))
+    sync_redis.hset(KEYS.models, "m", spec.to_json())
+    async with AsyncClient(redis_url) as client:
+        before = time.time() * 1000
+        await client.submit("m", {"x": np.ones((1, 2), np.float32)}, timeout=7)
+        after = time.time() * 1000
+    entry = sync_redis.xrange(KEYS.queue("m"))[0][1][b"req"]
+    deadline = msgpack.unpackb(entry, raw=False)["deadline"]
+    assert int(before) + 7000 <= deadline <= int(after) + 7000
+
+
+async def test_cancel_skips_a_queued_request(
+    config: Path, redis_url: str, sync_redis: redis.Redis, start_pool: Callable[..., PoolHandle]
+) -> None:
+    # Cancelled before any worker runs: the key path (enqueued before the
+    # workers subscribed to the cancel feed).
+    pool = start_pool(config, redis_url)
+    pool.stop()
+    async with AsyncClient(redis_url) as client:
+        early = await client.submit("mlp", {"x": np.ones((1, 256), np.float32)})
+        await client.cancel(early)
+        pool = start_pool(config, redis_url)
+        result = await client.wait(early, timeout=60)
+        assert result.status == "cancelled"
+        # Cancelled while queued behind a backlog: the pub/sub path.
+        backlog = await client.submit_many(
+            [Submission("cnn", {"x": np.ones((4, 3, 32, 32), np.float32)}) for _ in range(600)]
+        )
+        late = await client.submit("cnn", {"x": np.ones((1, 3, 32, 32), np.float32)})
+        await client.cancel(late)
+        result = await client.wait(late, timeout=120)
+        assert result.status == "cancelled"
+        assert result.batch_size == 0  # skipped, not computed
+        done = [await client.wait(i, timeout=120) for i in backlog]
+        assert {r.status for r in done} == {"ok"}
+
+
+async def test_queue_full_refuses_and_trims_nothing(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    spec = ModelSpec(
+        "small",
+        (TensorSpec("x", "float32", (2,)),),
+        (TensorSpec("y", "float32", (2,)),),
+        extra={"max_queue_len": 5},
+    )
+    sync_redis.hset(KEYS.models, "small", spec.to_json())  # no worker: nothing drains
+    x = np.ones((1, 2), np.float32)
+    async with AsyncClient(redis_url) as client:
+        accepted = [await client.submit("small", {"x": x}) for _ in range(5)]
+        with pytest.raises(QueueFull) as info:
+            await client.submit("small", {"x": x})
+        assert info.value.request_id is not None
+        with pytest.raises(QueueFull) as many:
+            await client.submit_many([Submission("small", {"x": x}) for _ in range(3)])
+        assert len(many.value.refused) == 3
+    entries = sync_redis.xrange(KEYS.queue("small"))
+    assert [msgpack.unpackb(e[1][b"req"], raw=False)["id"] for e in entries] == accepted

@@ -1,0 +1,183 @@
+"""Redis faults: restarts mid-run (with and without persistence), password
+and ACL URLs, a failed result write, and what `tensorq status` reports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from common.embedded_redis import EmbeddedRedis
+from common.errors import RedisUnavailable, RequestTimeout
+from common.keys import CONSUMER_GROUP, Keys
+from common.redis_conn import pooled_client
+from common.settings import load_settings
+from producer import AsyncClient, Submission
+from tests.conftest import ROOT, PoolHandle, async_wait_until, wait_until, write_config
+
+KEYS = Keys()
+X = np.ones((1, 256), np.float32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def config(tmp_path: Path, models_dir: Path) -> Path:
+    return write_config(tmp_path / "tensorq.toml", models_dir)
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["no-persistence", "appendonly"])
+async def test_redis_restart_mid_run(
+    persistent: bool, tmp_path: Path, config: Path, start_pool: Callable[..., PoolHandle]
+) -> None:
+    args = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else []
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = EmbeddedRedis(directory=directory, extra_args=args)
+    url = server.start()
+    try:
+        pool = start_pool(config, url)
+        pids = sorted(int(w["pid"]) for w in pool.live_workers())  # type: ignore[call-overload]
+        async with AsyncClient(url) as client:
+            ids = await client.submit_many(
+                [Submission("cnn", {"x": np.ones((2, 3, 32, 32), np.float32)}) for _ in range(1500)]
+            )
+            probe = redis.Redis.from_url(url)
+            await async_wait_until(lambda: probe.exists(KEYS.result(ids[0])), 60, "work under way")
+            probe.close()
+            server.stop()
+            server.start()
+            outcomes = await asyncio.gather(
+                *(client.wait(i, timeout=40) for i in ids), return_exceptions=True
+            )
+            ok = sum(1 for o in outcomes if not isinstance(o, BaseException) and o.status == "ok")
+            timeouts = sum(1 for o in outcomes if isinstance(o, RequestTimeout))
+            print(f"restart (persistent={persistent}): {ok} ok, {timeouts} clear timeouts")
+            assert ok + timeouts == len(ids)  # nothing else: no hang, no other error
+            if persistent:
+                assert ok == len(ids)  # the stream and its pending entries survived
+            # the pool carries on after the restart, with the same processes
+            after = [await client.infer("mlp", {"x": X}, timeout=60) for _ in range(20)]
+            assert all(a["y"].shape == (1, 10) for a in after)
+        assert pool.process.poll() is None
+        wait_until(lambda: len(pool.live_workers()) == 2, 30, "heartbeats again")
+        assert sorted(int(w["pid"]) for w in pool.live_workers()) == pids  # type: ignore[call-overload]
+    finally:
+        server.stop()
+
+
+def test_password_and_acl_urls(
+    tmp_path: Path, config: Path, start_pool: Callable[..., PoolHandle]
+) -> None:
+    port = free_port()
+    acl = ["--user", "alice", "on", ">alicepw", "~*", "&*", "+@all"]
+    server = EmbeddedRedis(
+        port=port, password="s3cret", extra_args=["--requirepass", "s3cret", *acl]
+    )
+    server.start()
+    try:
+        url = f"redis://:s3cret@127.0.0.1:{port}/0"
+        start_pool(config, url)
+        for good in (url, f"redis://alice:alicepw@127.0.0.1:{port}/0"):
+            from producer import Client
+
+            with Client(good) as client:
+                assert client.infer("mlp", {"x": X}, timeout=30)["y"].shape == (1, 10)
+        wrong = f"redis://:hunter2@127.0.0.1:{port}/0"
+        with pytest.raises(RedisUnavailable) as info:
+            asyncio.run(AsyncClient(wrong).connect())
+        assert "hunter2" not in str(info.value) and "***" in str(info.value)
+        run = subprocess.run(
+            [sys.executable, "-m", "common.cli", "worker", "--config", str(config),
+             "--redis", wrong, "--devices", "cpu"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        assert run.returncode != 0
+        assert "refused the credentials" in run.stderr
+        assert "hunter2" not in run.stdout + run.stderr
+        unreachable = subprocess.run(
+            [sys.executable, "-m", "common.cli", "worker", "--config", str(config),
+             "--redis", f"redis://:pw@127.0.0.1:{free_port()}/0", "--devices", "cpu"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        assert unreachable.returncode != 0
+        assert "cannot reach Redis" in unreachable.stderr
+    finally:
+        server.stop()
+
+
+async def test_failed_result_write_leaves_the_request_pending_then_answers_it(
+    tmp_path: Path, models_dir: Path, redis_url: str, sync_redis: redis.Redis
+) -> None:
+    from worker.execution import DeviceExecutor
+    from worker.registry import load_model
+    from worker.service import WorkerService
+
+    settings = load_settings(
+        write_config(tmp_path / "t.toml", models_dir), overrides={"redis.url": redis_url}
+    )
+    executor = DeviceExecutor("cpu")
+    model = load_model(settings.model("mlp"), "cpu", executor.run_one)
+    connection = pooled_client(settings.redis)
+    service = WorkerService(
+        settings=settings, redis=connection, models=[model], executor=executor,
+        name="in-process", device_info={"device": "cpu:0"},
+    )  # fmt: skip
+    real_write = service._write
+    pending_at_write: list[int] = []
+
+    async def flaky_write(outcomes: list[object]) -> None:
+        summary = await connection.xpending(KEYS.queue("mlp"), CONSUMER_GROUP)
+        pending_at_write.append(int(summary["pending"]))
+        if len(pending_at_write) == 1:
+            raise RedisConnectionError("injected: connection lost during the result write")
+        await real_write(outcomes)  # type: ignore[arg-type]
+
+    service._write = flaky_write  # type: ignore[method-assign]
+    task = asyncio.create_task(service.run())
+    await async_wait_until(lambda: sync_redis.hexists(KEYS.models, "mlp"), 30, "model published")
+    async with AsyncClient(redis_url) as client:
+        out = await client.infer("mlp", {"x": X}, timeout=30)
+    service.request_stop()
+    await task
+    await connection.aclose()
+    assert out["y"].shape == (1, 10)
+    assert pending_at_write == [1, 1]  # unacked while the write failed, answered on retry
+    assert sync_redis.xpending(KEYS.queue("mlp"), CONSUMER_GROUP)["pending"] == 0
+
+
+def test_status_reports_queues_and_workers(
+    config: Path, redis_url: str, sync_redis: redis.Redis, start_pool: Callable[..., PoolHandle]
+) -> None:
+    pool = start_pool(config, redis_url)
+    sync_redis.xadd(KEYS.dead("mlp"), {"req": b"", "reason": "test"})
+    run = subprocess.run(
+        [sys.executable, "-m", "common.cli", "status", "--redis", redis_url, "--json"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert set(report["models"]) == {"mlp", "cnn", "seq"}
+    assert report["models"]["mlp"]["dead_letters"] == 1
+    assert report["models"]["cnn"]["queued"] == 0
+    assert sorted(w["device"] for w in report["workers"]) == ["cpu:0", "cpu:1"]
+    assert all(w["alive"] for w in report["workers"])
+    pool.stop()
+    text = subprocess.run(
+        [sys.executable, "-m", "common.cli", "status", "--redis", redis_url],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    ).stdout  # fmt: skip
+    assert "mlp" in text and " no " in text  # stopped workers show as not alive
