@@ -2,6 +2,7 @@
 
 Layout (``tq`` is the configurable prefix; ``<x>`` a placeholder):
 
+    tq:q:<model>:high   the same for requests with priority > 0, served first
     tq:q:<model>        stream of requests, consumer group ``workers``; field ``req``
                         holds the msgpack request. Entries are XACKed and XDELed
                         only after their result is written.
@@ -24,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CONSUMER_GROUP = "workers"
+NORMAL, HIGH = 0, 1  # request priorities: workers fill batches from HIGH first
 REQUEST_FIELD = "req"
 
 
@@ -31,8 +33,13 @@ REQUEST_FIELD = "req"
 class Keys:
     prefix: str = "tq"
 
-    def queue(self, model: str) -> str:
-        return f"{self.prefix}:q:{model}"
+    def queue(self, model: str, priority: int = NORMAL) -> str:
+        """The model's stream; priority HIGH (any priority > 0) has its own."""
+        return f"{self.prefix}:q:{model}:high" if priority > NORMAL else f"{self.prefix}:q:{model}"
+
+    def queues(self, model: str) -> tuple[str, str]:
+        """Both of a model's streams, in the order workers serve them."""
+        return self.queue(model, HIGH), self.queue(model, NORMAL)
 
     def result(self, request_id: str) -> str:
         return f"{self.prefix}:r:{request_id}"

@@ -263,16 +263,15 @@ class AsyncClient:
             return await self._enqueue_all(prepared)
 
     async def _enqueue_all(self, prepared: Sequence[tuple[Request, int]]) -> list[Any]:
-        """One script call per model, pipelined; the stream entry id (or None
+        """One script call per stream, pipelined; the stream entry id (or None
         if refused) of each request, in order."""
         groups: dict[str, list[int]] = {}
         for index, (request, _) in enumerate(prepared):
-            groups.setdefault(request.model, []).append(index)
+            groups.setdefault(self.keys.queue(request.model, request.priority), []).append(index)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for model, indices in groups.items():
+            for queue, indices in groups.items():
                 limit = prepared[indices[0]][1]
                 payloads = [pack_request(prepared[i][0]) for i in indices]
-                queue = self.keys.queue(model)
                 pipe.evalsha(self._enqueue_sha, 1, queue, limit, REQUEST_FIELD, *payloads)
             replies: list[Any] = await self._call(pipe.execute())
         entry_ids: list[Any] = [None] * len(prepared)
@@ -366,6 +365,8 @@ class AsyncClient:
         try:
             while not self._closing:
                 try:
+                    if attempts:  # a pop whose reply was lost took results with it
+                        await self._sweep_stored()
                     reply: Any = await conn.blmpop(
                         self._block_s, 1, self._inbox.key, direction="RIGHT", count=1024
                     )
@@ -380,6 +381,14 @@ class AsyncClient:
                     self._deliver(reply[1])
         finally:
             await conn.aclose()
+
+    async def _sweep_stored(self) -> None:
+        """After a connection loss, resolve waiters whose results are stored."""
+        waiting = [i for i, f in self._inbox.waiters.items() if not f.done()]
+        for start in range(0, len(waiting), 500):
+            chunk = waiting[start : start + 500]
+            stored: Any = await self.redis.mget([self.keys.result(i) for i in chunk])
+            self._deliver([blob for blob in stored if blob])
 
     def _deliver(self, blobs: Sequence[bytes]) -> None:
         for blob in blobs:

@@ -32,17 +32,18 @@ async def collect_status(
         names: Any = await redis.hkeys(keys.models)
         for raw_name in sorted(names):
             name = raw_name.decode()
-            queue = keys.queue(name)
-            length = await redis.xlen(queue)
-            pending, oldest_ms = 0, 0.0
-            try:
-                summary = await redis.xpending(queue, CONSUMER_GROUP)
-                pending = int(summary["pending"])
-                if pending:
+            length, pending, oldest_ms = 0, 0, 0.0
+            for queue in keys.queues(name):
+                length += await redis.xlen(queue)
+                try:
+                    summary = await redis.xpending(queue, CONSUMER_GROUP)
+                except ResponseError:  # no group yet
+                    continue
+                pending += int(summary["pending"])
+                if summary["pending"]:
                     first = await redis.xpending_range(queue, CONSUMER_GROUP, "-", "+", 1)
-                    oldest_ms = float(first[0]["time_since_delivered"]) if first else 0.0
-            except ResponseError:  # no group yet
-                pass
+                    if first:
+                        oldest_ms = max(oldest_ms, float(first[0]["time_since_delivered"]))
             models[name] = {
                 "queued": max(0, length - pending),
                 "pending": pending,

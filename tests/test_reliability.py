@@ -270,3 +270,38 @@ async def test_queue_full_refuses_and_trims_nothing(
         assert len(many.value.refused) == 3
     entries = sync_redis.xrange(KEYS.queue("small"))
     assert [msgpack.unpackb(e[1][b"req"], raw=False)["id"] for e in entries] == accepted
+
+
+def test_high_priority_overtakes_a_normal_backlog(
+    config: Path, redis_url: str, sync_redis: redis.Redis, start_pool: Callable[..., PoolHandle]
+) -> None:
+    start_pool(config, redis_url, devices="cpu", workers=1)
+    x = np.ones((4, 3, 32, 32), np.float32)
+    pipe = sync_redis.pipeline(transaction=False)
+    for i in range(400):
+        request = Request(f"normal-{i}", "cnn", {"x": x}, reply_to=INBOX)
+        pipe.xadd(KEYS.queue("cnn"), {"req": pack_request(request)})
+    pipe.execute()
+    wait_until(lambda: sync_redis.llen(INBOX) > 0, 60, "the backlog under way")
+    for i in range(10):
+        request = Request(f"high-{i}", "cnn", {"x": x[:1]}, reply_to=INBOX, priority=1)
+        sync_redis.xadd(KEYS.queue("cnn", priority=1), {"req": pack_request(request)})
+    order: list[str] = []
+    while len(order) < 410:
+        order += [r.id for r in pop_results(sync_redis, 5)]
+    last_high = max(i for i, request_id in enumerate(order) if request_id.startswith("high-"))
+    print(f"priority: last high-priority result at position {last_high} of {len(order)}")
+    assert last_high < 200  # served long before the normal backlog drained
+
+
+async def test_priority_requests_go_to_the_high_stream(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    spec = ModelSpec("m", (TensorSpec("x", "float32", (2,)),), (TensorSpec("y", "float32", (2,)),))
+    sync_redis.hset(KEYS.models, "m", spec.to_json())
+    async with AsyncClient(redis_url) as client:
+        urgent = await client.submit("m", {"x": np.ones((1, 2), np.float32)}, priority=1)
+        await client.submit("m", {"x": np.ones((1, 2), np.float32)})
+    high = sync_redis.xrange(KEYS.queue("m", priority=1))
+    assert [msgpack.unpackb(e[1][b"req"], raw=False)["id"] for e in high] == [urgent]
+    assert sync_redis.xlen(KEYS.queue("m")) == 1

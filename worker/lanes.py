@@ -51,6 +51,7 @@ class Lane:
 
     model: LoadedModel
     queue: str
+    priority: int = 0
     backlog: deque[Pending] = field(default_factory=deque)
     rows: int = 0
     held: set[bytes] = field(default_factory=set)

@@ -33,7 +33,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from common.envelope import Result, pack_result, peek_id_and_reply_to, unpack_request
 from common.errors import InvalidInput, ProtocolError
-from common.keys import CONSUMER_GROUP, REQUEST_FIELD, Keys
+from common.keys import CONSUMER_GROUP, HIGH, NORMAL, REQUEST_FIELD, Keys
 from common.redis_conn import blocking_client
 from common.settings import Settings
 from worker.backoff import Backoff
@@ -78,7 +78,11 @@ class WorkerService:
         self.executor = executor
         self.name = name
         self.device_info = device_info
-        self.lanes = [Lane(m, self.keys.queue(m.name)) for m in models]
+        self.lanes = [
+            Lane(m, self.keys.queue(m.name, priority), priority)
+            for m in models
+            for priority in (HIGH, NORMAL)
+        ]
         self.stats = Stats()
         self.cancels = CancelFeed(redis, self.keys, settings.worker.block_ms / 1000)
         self.recovery = Recovery(
@@ -154,6 +158,9 @@ class WorkerService:
                     await self._ensure_group(lane.queue)  # Redis restarted empty
                     continue
                 except RedisError as exc:
+                    # A read whose reply was lost in transit left entries
+                    # pending for us that we never saw: re-read them first.
+                    lane.recovering = True
                     await backoff.wait(f"read {lane.queue}", exc, self._stopping)
                     continue
                 backoff.reset()
@@ -259,8 +266,11 @@ class WorkerService:
         turn = 0
         while True:
             ready = [lane for lane in self.lanes if lane.backlog]
-            full = [lane for lane in ready if lane.rows >= lane.max_rows]
-            if running and (len(running) > 1 or not full):
+            full = sorted(
+                (lane for lane in ready if lane.rows >= lane.max_rows), key=lambda x: -x.priority
+            )
+            urgent = max((lane.priority for lane in ready), default=NORMAL)
+            if running and (len(running) > 1 or not full or full[0].priority < urgent):
                 await self._writes.put(await running.popleft())
                 continue
             if not ready:
@@ -272,6 +282,8 @@ class WorkerService:
                 await self._work.wait()
                 continue
             candidates = full if running else ready
+            top = max(lane.priority for lane in candidates)  # high-priority streams first
+            candidates = [lane for lane in candidates if lane.priority == top]
             lane = candidates[turn % len(candidates)]
             turn += 1
             if not running:
@@ -439,7 +451,7 @@ class WorkerService:
             "name": self.name,
             "pid": os.getpid(),
             "alive": alive,
-            "models": [lane.model.name for lane in self.lanes],
+            "models": sorted({lane.model.name for lane in self.lanes}),
             "batches": stats.batches,
             "requests": stats.requests,
             "rows": stats.rows,
