@@ -7,7 +7,6 @@ sets ``func(args, settings) -> int`` on its parser.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import TensorQError
+from common.logs import FORMATS, configure_logging
 from common.settings import Settings, load_settings
 
 ENTRY_POINT_GROUP = "tensorq.commands"
@@ -46,19 +46,12 @@ def settings_from_args(args: argparse.Namespace, **overrides: object) -> Setting
     return load_settings(config, overrides={"redis.url": getattr(args, "redis", None), **overrides})
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tensorq", description="Redis-backed batched TorchScript inference pool"
     )
     parser.add_argument("--log-level", default="info", help="debug|info|warning|error")
+    parser.add_argument("--log-format", default="text", choices=FORMATS, help="text|json")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         try:
@@ -75,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     handler: Handler = args.func
     try:
         settings = settings_from_args(args)

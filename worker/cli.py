@@ -46,7 +46,8 @@ def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.replace(redis=_replace(settings.redis, url=url))
         asyncio.run(_check(settings.redis))
         log.info("pool of %d on %s", len(slots), ", ".join(s.label for s in slots))
-        return WorkerPool(settings, slots, log_level=args.log_level).run()
+        logging_setup = (args.log_level, args.log_format)
+        return WorkerPool(settings, slots, logging_setup=logging_setup).run()
 
 
 async def _check(redis_settings: RedisSettings) -> None:

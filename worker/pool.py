@@ -71,10 +71,14 @@ class WorkerPool:
     """``WorkerPool(settings, slots).run()`` serves until a signal, then drains."""
 
     def __init__(
-        self, settings: Settings, slots: list[DeviceSlot], *, log_level: str = "info"
+        self,
+        settings: Settings,
+        slots: list[DeviceSlot],
+        *,
+        logging_setup: tuple[str, str] = ("info", "text"),
     ) -> None:
         self.settings = settings
-        self.log_level = log_level
+        self.logging_setup = logging_setup
         # Stable per parent and slot: a restarted child re-reads its own pending entries.
         prefix = f"{socket.gethostname()}-{os.getpid()}"
         self.children = [_Child(slot, f"{prefix}-{slot.label}") for slot in slots]
@@ -88,7 +92,7 @@ class WorkerPool:
 
     def _spawn(self, child: _Child) -> None:
         child.ready = _SPAWN.Event()
-        args = (child.slot, self.settings, child.name, self.log_level, child.ready)
+        args = (child.slot, self.settings, child.name, self.logging_setup, child.ready)
         process = spawn_pinned(child.slot, worker_main, args, child.name)
         child.process = process
         child.started = time.monotonic()

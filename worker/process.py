@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from common.errors import ConfigError, RedisUnavailable
+from common.logs import configure_logging
 from common.settings import Settings
 from worker.devices import DeviceSlot
 
@@ -24,14 +25,16 @@ EXIT_FATAL = 3  # configuration errors: restarting would fail the same way
 
 
 def worker_main(
-    slot: DeviceSlot, settings: Settings, name: str, log_level: str, ready: Any = None
+    slot: DeviceSlot,
+    settings: Settings,
+    name: str,
+    logging_setup: tuple[str, str] = ("info", "text"),
+    ready: Any = None,
 ) -> None:
     """Entry point of a spawned worker process; sets ``ready`` (an Event) once serving."""
     os.environ.update({k: v for k, v in slot.environment().items() if not k.startswith("MALLOC")})
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which drains us
-    logging.basicConfig(
-        level=log_level.upper(), format=f"%(asctime)s %(levelname)s {name}: %(message)s"
-    )
+    configure_logging(*logging_setup, process_name=name)
     import uvloop
 
     # The compute thread drops the GIL inside forward and must get it back
