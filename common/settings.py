@@ -80,6 +80,14 @@ class ModelConfig:
     max_batch_size: int = 64
     max_delay_ms: float = 2.0
     max_queue_len: int = 100_000
+    batch_policy: str = "fixed"  # fixed | adaptive (see worker/window.py)
+
+    def __post_init__(self) -> None:
+        if self.batch_policy not in ("fixed", "adaptive"):
+            raise ConfigError(
+                f"model {self.name!r}: batch_policy must be fixed or adaptive, "
+                f"got {self.batch_policy!r}"
+            )
 
     def spec(self, version: str = "") -> ModelSpec:
         return ModelSpec(
@@ -205,6 +213,7 @@ _MODEL_KEYS = {
     "max_batch_size",
     "max_delay_ms",
     "max_queue_len",
+    "batch_policy",
 }
 _TENSOR_KEYS = {"name", "dtype", "shape", "pad_value"}
 
@@ -229,6 +238,7 @@ def _model_config(raw: Mapping[str, Any], base: Path) -> ModelConfig:
             max_batch_size=int(raw.get("max_batch_size", 64)),
             max_delay_ms=float(raw.get("max_delay_ms", 2.0)),
             max_queue_len=int(raw.get("max_queue_len", 100_000)),
+            batch_policy=str(raw.get("batch_policy", "fixed")),
         )
     except KeyError as exc:
         raise ConfigError(f"[[models]] entry needs {exc.args[0]!r}") from None

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from common.envelope import Request
 from worker.registry import LoadedModel
+from worker.window import WindowModel
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Lane:
     recover_after: str = "-"  # XPENDING cursor while recovering
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     reader_done: bool = False
+    window: WindowModel = field(default_factory=WindowModel)
 
     @property
     def max_rows(self) -> int:
@@ -67,7 +69,9 @@ class Lane:
 
     def push(self, items: Sequence[Pending]) -> None:
         self.backlog.extend(items)
-        self.rows += sum(p.rows for p in items)
+        rows = sum(p.rows for p in items)
+        self.rows += rows
+        self.window.record_arrival(rows)
         self.changed.set()
 
     def take(self) -> list[Pending]:

@@ -295,13 +295,20 @@ class WorkerService:
                 )
 
     async def _fill_window(self, lane: Lane) -> None:
-        """Wait up to max_delay_ms for more rows, but only while Redis is known
-        to hold more: an idle worker runs a lone request at once."""
+        """Wait up to max_delay_ms for more rows while the lane's batch policy
+        says it pays off (worker/window.py); an idle worker never waits."""
         delay_s = lane.model.config.max_delay_ms / 1000
-        if delay_s <= 0 or lane.rows >= lane.max_rows or not lane.more_waiting:
+        adaptive = lane.model.config.batch_policy == "adaptive"
+
+        def keep_waiting() -> bool:
+            if lane.rows >= lane.max_rows or self._stopping.is_set():
+                return False
+            return lane.window.worth_waiting(lane.rows) if adaptive else lane.more_waiting
+
+        if delay_s <= 0 or not keep_waiting():
             return
         deadline = time.monotonic() + delay_s
-        while lane.rows < lane.max_rows and lane.more_waiting and not self._stopping.is_set():
+        while keep_waiting():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -358,6 +365,7 @@ class WorkerService:
             outcomes.append(
                 Outcome(lane.queue, item.entry_id, request.id, request.reply_to, payload)
             )
+        lane.window.record_batch(rows, infer_ms)
         self.stats.batches += 1
         self.stats.requests += len(items)
         self.stats.rows += rows
