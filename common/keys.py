@@ -16,6 +16,7 @@ Layout (``tq`` is the configurable prefix; ``<x>`` a placeholder):
     tq:acc:<id>         JSON marker written by the gateway when it accepts an async request
                         (POST /v1/models/<m>/requests), TTL = the result TTL: tells
                         "pending" (202) from "unknown" (404) and refuses a reused id
+    tq:control          pub/sub channel of control messages to workers (model reloads)
     tq:workers          hash: worker name -> JSON heartbeat and stats
     tq:models           hash: model name -> JSON ModelSpec, written by workers
 """
@@ -61,6 +62,11 @@ class Keys:
     def cancel_channel(self) -> str:
         """Pub/sub channel carrying the ids of cancelled requests."""
         return f"{self.prefix}:cancelled"
+
+    @property
+    def control_channel(self) -> str:
+        """Pub/sub channel of JSON control messages to workers (``{"op": "reload", ...}``)."""
+        return f"{self.prefix}:control"
 
     @property
     def workers(self) -> str:

@@ -53,6 +53,7 @@ class WorkerSettings:
     heartbeat_s: float = 1.0
     threads: int = 0  # intra-op threads per CPU slot; 0 = cores / slots
     crash_on_request_prefix: str = ""  # test-only fault hook: SIGKILL on such request ids
+    watch_models: bool = False  # reload a model when its file changes
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ def worker_command(subparsers: Any) -> None:
 def models_command(subparsers: Any) -> None:
     parser = subparsers.add_parser("models", help="example models")
     verbs = parser.add_subparsers(dest="models_verb", metavar="ACTION", required=True)
+    reload = verbs.add_parser("reload", help="make every worker load a model's file again")
+    add_common_flags(reload)
+    reload.add_argument("model")
+    reload.set_defaults(func=_reload)
     build = verbs.add_parser("build-examples", help="write the example TorchScript models")
     build.add_argument("directory", type=Path, nargs="?", default=Path("config/models"))
     build.set_defaults(func=_build_examples)
@@ -56,6 +60,31 @@ async def _check(redis_settings: RedisSettings) -> None:
         await check_reachable(client, redis_settings.url)
     finally:
         await client.aclose()
+
+
+def _reload(args: argparse.Namespace, settings: Settings) -> int:
+    """Announce a reload; workers serving the model load, warm and switch."""
+    import json
+
+    from common.keys import Keys
+
+    async def publish() -> int:
+        client = pooled_client(settings.redis)
+        try:
+            await check_reachable(client, settings.redis.url)
+            message = json.dumps({"op": "reload", "model": args.model})
+            receivers: int = await client.publish(
+                Keys(settings.redis.prefix).control_channel, message
+            )
+            return receivers
+        finally:
+            await client.aclose()
+
+    if not settings.redis.url:
+        print("tensorq models reload needs a Redis URL (--redis or TQ_REDIS_URL)")
+        return 2
+    print(f"reload of {args.model!r} announced to {asyncio.run(publish())} worker(s)")
+    return 0
 
 
 def _build_examples(args: argparse.Namespace, settings: Settings) -> int:

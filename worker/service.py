@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -37,11 +38,11 @@ from common.keys import CONSUMER_GROUP, HIGH, NORMAL, REQUEST_FIELD, Keys
 from common.redis_conn import blocking_client
 from common.settings import Settings
 from worker.backoff import Backoff
-from worker.cancels import CancelFeed
 from worker.execution import DeviceExecutor, ModelFailure
+from worker.feed import Feed
 from worker.lanes import Lane, Outcome, Pending
 from worker.recovery import Entry, Recovery
-from worker.registry import LoadedModel
+from worker.registry import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ class WorkerService:
             for priority in (HIGH, NORMAL)
         ]
         self.stats = Stats()
-        self.cancels = CancelFeed(redis, self.keys, settings.worker.block_ms / 1000)
+        self.cancels = Feed(redis, self.keys, settings.worker.block_ms / 1000, self._on_control)
+        self._reloads: asyncio.Queue[str] = asyncio.Queue()
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
         self.recovery = Recovery(
             redis,
             self.keys,
@@ -113,7 +116,10 @@ class WorkerService:
             asyncio.create_task(self._reclaim_loop()),
             asyncio.create_task(self._lease_loop()),
             asyncio.create_task(self.cancels.run(self._stopping)),
+            asyncio.create_task(self._reload_loop()),
         ]
+        if self.settings.worker.watch_models:
+            side.append(asyncio.create_task(self._watch_loop()))
         writer = asyncio.create_task(self._write_loop())
         try:
             await self._batch_loop()
@@ -126,6 +132,7 @@ class WorkerService:
             await asyncio.gather(*side, return_exceptions=True)
             await self._heartbeat(alive=False)
             self._compute.shutdown(wait=True)
+            self._loader.shutdown(wait=True)
         log.info("worker %s: drained and stopped", self.name)
 
     # -- reading ------------------------------------------------------------
@@ -460,6 +467,7 @@ class WorkerService:
             "pid": os.getpid(),
             "alive": alive,
             "models": sorted({lane.model.name for lane in self.lanes}),
+            "versions": {lane.model.name: lane.model.spec.version for lane in self.lanes},
             "batches": stats.batches,
             "requests": stats.requests,
             "rows": stats.rows,
@@ -497,6 +505,62 @@ class WorkerService:
                 await self.recovery.renew_leases(self.lanes)
             except RedisError as exc:
                 log.warning("lease renewal failed: %s", exc)
+
+    # -- hot reload -------------------------------------------------------------
+
+    def _on_control(self, message: dict[str, Any]) -> None:
+        served = {lane.model.name for lane in self.lanes}
+        if message.get("op") == "reload" and message.get("model") in served:
+            self._reloads.put_nowait(str(message["model"]))
+
+    async def _reload_loop(self) -> None:
+        """Load the new version beside the old one (in a loader thread, warmed
+        up), then switch: the running batch finishes on the old module, the
+        next one runs on the new; requests are never dropped."""
+        loop = asyncio.get_running_loop()
+        device = str(self.executor.device)
+        while True:
+            name = await self._reloads.get()
+            lanes = [lane for lane in self.lanes if lane.model.name == name]
+            old = lanes[0].model
+            try:
+                new = await loop.run_in_executor(
+                    self._loader, load_model, old.config, device, self.executor.run_one
+                )
+            except Exception as exc:  # a bad file must not take the old model down
+                log.error(
+                    "reload of %s failed, keeping version %s: %s", name, old.spec.version, exc
+                )
+                continue
+            if new.spec.version == old.spec.version:
+                log.info("reload of %s: version %s unchanged", name, old.spec.version)
+                continue
+            for lane in lanes:
+                lane.model = new
+            await self._publish_models()
+            await self._heartbeat()
+            log.info(
+                "model reloaded: %s version %s -> %s", name, old.spec.version, new.spec.version
+            )
+
+    async def _watch_loop(self) -> None:
+        """With ``watch_models``: reload a model whose file changed."""
+
+        def stamp(path: Path) -> tuple[float, int]:
+            try:
+                stat = path.stat()
+            except OSError:
+                return (0.0, 0)
+            return (stat.st_mtime, stat.st_size)
+
+        seen = {lane.model.name: stamp(lane.model.config.path) for lane in self.lanes}
+        while True:
+            await asyncio.sleep(1.0)
+            for lane in self.lanes:
+                now = stamp(lane.model.config.path)
+                if now != seen[lane.model.name] and now != (0.0, 0):
+                    seen[lane.model.name] = now
+                    self._reloads.put_nowait(lane.model.name)
 
     async def _wait_either(self, event: asyncio.Event) -> None:
         """Wait for ``event`` or the stop flag, whichever comes first."""
