@@ -3,7 +3,8 @@ environment each gets *before* torch is imported in it.
 
 ``cuda:0,cuda:1`` -> one process per GPU, each seeing only its own GPU as
 ``cuda:0`` (CUDA_VISIBLE_DEVICES); ``cpu`` / ``cpu*N`` -> N CPU slots sharing
-the cores; ``auto`` -> every GPU ``nvidia-smi -L`` lists, else one CPU slot.
+the cores; ``cpu:K`` -> one CPU slot labelled K (one pool per slot, as
+supervisord's ``numprocs`` starts them); ``auto`` -> every GPU ``nvidia-smi -L`` lists, else one CPU slot.
 Pure logic, no torch: the parent never initialises CUDA.
 """
 
@@ -59,6 +60,9 @@ def parse_devices(spec: str, *, cpu_count: int | None = None, threads: int = 0) 
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         if match := re.fullmatch(r"cuda:(\d+)", part):
             slots.append(DeviceSlot("cuda", int(match.group(1))))
+        elif match := re.fullmatch(r"cpu:(\d+)", part):  # one CPU slot, named (supervisord)
+            slots.append(DeviceSlot("cpu", int(match.group(1))))
+            cpu_slots += 1
         elif match := re.fullmatch(r"cpu(?:\*(\d+))?", part):
             count = int(match.group(1) or 1)
             if count < 1:
@@ -68,7 +72,7 @@ def parse_devices(spec: str, *, cpu_count: int | None = None, threads: int = 0) 
                 cpu_slots += 1
         else:
             raise ConfigError(
-                f"--devices: cannot read {part!r} (use cuda:0,cuda:1 | cpu | cpu*2 | auto)"
+                f"--devices: cannot read {part!r} (use cuda:0,cuda:1 | cpu | cpu*2 | cpu:0 | auto)"
             )
     if not slots:
         raise ConfigError("--devices names no device")
