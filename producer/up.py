@@ -1,0 +1,59 @@
+"""``tensorq up``: the local stack in one command for development: Redis (a
+private redis-server when no URL is configured), a worker pool on every
+device found, and the HTTP gateway. Ctrl-C (or SIGTERM) stops all of it:
+the gateway and the pool drain, then the private Redis goes."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import threading
+from typing import Any
+
+from common.cli import add_common_flags
+from common.settings import Settings
+from producer.stack import ensure_example_models, local_stack, tensorq_command
+
+
+def up_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser("up", help="Redis + worker pool + gateway, until Ctrl-C")
+    add_common_flags(parser)
+    parser.add_argument("--devices", default=None, help="worker devices (default: config)")
+    parser.add_argument("--host", default=None, help="gateway address (default: config)")
+    parser.add_argument("--port", type=int, default=None, help="gateway port (default: config)")
+    parser.set_defaults(func=run_up)
+
+
+def run_up(args: argparse.Namespace, settings: Settings) -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    ensure_example_models(settings)
+    with local_stack(settings, devices=args.devices, log_level=args.log_level) as stack:
+        gateway_args = ["--log-level", args.log_level, "gateway", "--redis", stack.redis_url]
+        if settings.config_path is not None:
+            gateway_args += ["--config", str(settings.config_path)]
+        host = args.host or settings.gateway.host
+        port = args.port if args.port is not None else settings.gateway.port
+        gateway_args += ["--host", host, "--port", str(port)]
+        gateway = subprocess.Popen(tensorq_command(*gateway_args))
+        print(
+            f"tensorq up: redis {stack.redis_url}, {len(stack.live_workers())} worker(s), "
+            f"gateway http://{host}:{port} (Ctrl-C stops everything)",
+            flush=True,
+        )
+        try:
+            while not stop.wait(0.5):  # a signal sets it; the timeout only checks the children
+                if gateway.poll() is not None or stack.pool.poll() is not None:
+                    print("tensorq up: a component exited; stopping", flush=True)
+                    break
+        finally:
+            if gateway.poll() is None:
+                gateway.send_signal(signal.SIGTERM)
+            try:
+                gateway.wait(settings.worker.drain_grace_s + 10)
+            except subprocess.TimeoutExpired:
+                gateway.kill()
+                gateway.wait()
+    return 0
