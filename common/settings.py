@@ -54,6 +54,7 @@ class WorkerSettings:
     threads: int = 0  # intra-op threads per CPU slot; 0 = cores / slots
     crash_on_request_prefix: str = ""  # test-only fault hook: SIGKILL on such request ids
     watch_models: bool = False  # reload a model when its file changes
+    batch_policy: str = ""  # fixed | adaptive for every model; empty = each model's own
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     parser.add_argument(
+        "--report", default=None, help="instead: sweep offered load, write DIR/bench.{csv,png}"
+    )
+    parser.add_argument(
+        "--rates", default="500,2000,5000,9000", help="offered loads (requests/s) for --report"
+    )
+    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each --report load")
+    parser.add_argument(
         "--http",
         action="store_true",
         help="instead: sync OIP inference through the gateway against a bare aiohttp floor",
@@ -60,6 +67,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace, settings: Settings) -> int:
+    if args.report:
+        from producer.report import run_report
+
+        return run_report(args, settings)
     if args.http:
         from producer.bench_http import run_http_bench
 

@@ -107,3 +107,56 @@ def random_inputs(
         else:
             arrays[tensor.name] = rng.standard_normal(shape).astype(dtype)
     return arrays
+
+
+async def run_rate(
+    client: AsyncClient,
+    model: str,
+    make_inputs: InputFactory,
+    *,
+    rate: float,
+    seconds: float,
+    timeout: float = 60.0,
+) -> LoadReport:
+    """Open loop: requests sent at ``rate`` per second for ``seconds`` whatever
+    the answers do (offered load), each timed from send to result."""
+    loop = asyncio.get_running_loop()
+    count = max(1, int(rate * seconds))
+    payloads = [make_inputs(i) for i in range(count)]
+    latencies: list[float] = []
+    batch_rows: list[int] = []
+    errors = 0
+
+    async def one(payload: Mapping[str, np.ndarray[Any, Any]]) -> None:
+        nonlocal errors
+        t0 = time.perf_counter()
+        try:
+            result = await client.wait(await client.submit(model, payload), timeout)
+            outputs_of(result)
+        except Exception:
+            errors += 1
+            return
+        latencies.append((time.perf_counter() - t0) * 1000)
+        batch_rows.append(result.batch_size)
+
+    start = loop.time()
+    tasks = []
+    for i, payload in enumerate(payloads):
+        delay = start + i / rate - loop.time()
+        if delay > 0:  # pacing the offered load, not waiting for a result
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(payload)))
+    await asyncio.gather(*tasks)
+    elapsed = loop.time() - start
+    lat = np.array(latencies or [0.0])
+    rows = sum(int(next(iter(p.values())).shape[0]) for p in payloads)
+    return LoadReport(
+        model=model,
+        requests=count,
+        rows=rows,
+        seconds=elapsed,
+        p50_ms=float(np.percentile(lat, 50)),
+        p99_ms=float(np.percentile(lat, 99)),
+        mean_batch_rows=float(np.mean(batch_rows or [0])),
+        errors=errors,
+    )

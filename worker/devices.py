@@ -4,7 +4,8 @@ environment each gets *before* torch is imported in it.
 ``cuda:0,cuda:1`` -> one process per GPU, each seeing only its own GPU as
 ``cuda:0`` (CUDA_VISIBLE_DEVICES); ``cpu`` / ``cpu*N`` -> N CPU slots sharing
 the cores; ``cpu:K`` -> one CPU slot labelled K (one pool per slot, as
-supervisord's ``numprocs`` starts them); ``auto`` -> every GPU ``nvidia-smi -L`` lists, else one CPU slot.
+supervisord's ``numprocs`` starts them); ``auto`` -> every GPU
+``nvidia-smi -L`` lists, else one CPU slot.
 Pure logic, no torch: the parent never initialises CUDA.
 """
 

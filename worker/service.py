@@ -305,7 +305,8 @@ class WorkerService:
         """Wait up to max_delay_ms for more rows while the lane's batch policy
         says it pays off (worker/window.py); an idle worker never waits."""
         delay_s = lane.model.config.max_delay_ms / 1000
-        adaptive = lane.model.config.batch_policy == "adaptive"
+        policy = self.settings.worker.batch_policy or lane.model.config.batch_policy
+        adaptive = policy == "adaptive"
 
         def keep_waiting() -> bool:
             if lane.rows >= lane.max_rows or self._stopping.is_set():
