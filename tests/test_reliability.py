@@ -54,20 +54,27 @@ def test_chaos_sigkill_loses_nothing(
     pool = start_pool(config, redis_url, env={"TQ_WORKER_MAX_DELIVERIES": "20"})
     total = 10_000
     ids = [f"chaos-{i}" for i in range(total)]
-    for start in range(0, total, 500):
-        pipe = sync_redis.pipeline(transaction=False)
-        for request_id in ids[start : start + 500]:
-            pipe.xadd(KEYS.queue("mlp"), {"req": raw_request(request_id)})
-        pipe.execute()
+    submitted = 0
     seen: Counter[str] = Counter()
     statuses: Counter[str] = Counter()
+    answers: dict[str, list[str]] = {}  # id -> who answered, for the failure message
     killed: set[int] = set()
     next_kill = 300
     deadline = time.monotonic() + 240
     while len(seen) < total and time.monotonic() < deadline:
-        for result in pop_results(sync_redis):
+        # keep about a thousand in flight, so the run spans many kills
+        if submitted < total and submitted - len(seen) < 1000:
+            pipe = sync_redis.pipeline(transaction=False)
+            for request_id in ids[submitted : submitted + 500]:
+                pipe.xadd(KEYS.queue("mlp"), {"req": raw_request(request_id)})
+            pipe.execute()
+            submitted += 500
+        for result in pop_results(sync_redis, 1):
             seen[result.id] += 1
             statuses[result.status] += 1
+            answers.setdefault(result.id, []).append(
+                f"{result.worker} batch={result.batch_size} queued={result.queued_ms:.0f}ms"
+            )
         if len(seen) >= next_kill:
             victims = [
                 int(w["pid"])
@@ -81,9 +88,10 @@ def test_chaos_sigkill_loses_nothing(
                 next_kill += 300
     print(f"chaos: {len(seen)} ids answered, {len(killed)} workers killed, statuses {statuses}")
     assert set(seen) == set(ids)  # every request answered ...
-    assert max(seen.values()) == 1  # ... exactly once
+    twice = {i: answers[i] for i, n in seen.items() if n > 1}
+    assert not twice, f"answered more than once: {twice}"  # ... exactly once
     assert statuses == {"ok": total}
-    assert len(killed) >= 5
+    assert len(killed) >= 10
     assert pool.process.poll() is None  # the pool itself survived
     assert sync_redis.xlen(KEYS.queue("mlp")) == 0
 

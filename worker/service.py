@@ -4,8 +4,8 @@ Tasks share one uvloop event loop so Redis I/O overlaps compute: a reader per
 model (XREADGROUP on its own connection, decoding and validating into the
 model's lane), one batcher (forms batches and hands them to the single
 compute thread), and one writer (every result of a batch plus its XACK/XDEL
-in one MULTI/EXEC, so a kill never leaves a result without its ack or the
-reverse). Beside them: reclaim of idle entries, lease renewal, the cancel
+in one atomic script, worker/commit.py, so a kill never leaves a result
+without its ack or the reverse). Beside them: reclaim of idle entries, lease renewal, the cancel
 feed and the heartbeat.
 
 Stopping is by flag, never by cancelling a blocking read (a cancelled
@@ -38,6 +38,7 @@ from common.keys import CONSUMER_GROUP, HIGH, NORMAL, REQUEST_FIELD, Keys
 from common.redis_conn import blocking_client
 from common.settings import Settings
 from worker.backoff import Backoff
+from worker.commit import Committer
 from worker.execution import DeviceExecutor, ModelFailure
 from worker.feed import Feed
 from worker.lanes import Lane, Outcome, Pending
@@ -95,6 +96,7 @@ class WorkerService:
             max_deliveries=settings.worker.max_deliveries,
             result_ttl_s=settings.redis.result_ttl_s,
         )
+        self.committer = Committer(redis, self.keys, settings.redis.result_ttl_s)
         self._stopping = asyncio.Event()
         self._work = asyncio.Event()
         self._writes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=4)
@@ -425,27 +427,10 @@ class WorkerService:
                         lane.held.discard(out.entry_id)
 
     async def _write(self, outcomes: Sequence[Outcome]) -> None:
-        """Results, inbox pushes, acks and deletes of a batch: one MULTI/EXEC."""
-        ttl = self.settings.redis.result_ttl_s
-        by_queue: dict[str, list[bytes]] = {}
-        by_inbox: dict[str, list[bytes]] = {}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for out in outcomes:
-                if out.payload:
-                    pipe.set(self.keys.result(out.request_id), out.payload, ex=ttl)
-                    if out.reply_to:
-                        by_inbox.setdefault(out.reply_to, []).append(out.payload)
-                by_queue.setdefault(out.queue, []).append(out.entry_id)
-            for inbox, payloads in by_inbox.items():
-                pipe.lpush(inbox, *payloads)
-                pipe.expire(inbox, ttl)  # an abandoned inbox disappears
-            for queue, ids in by_queue.items():
-                pipe.xack(queue, CONSUMER_GROUP, *ids)
-                pipe.xdel(queue, *ids)  # streams keep acked entries otherwise
-            replies = await pipe.execute(raise_on_error=False)
-        errors = [r for r in replies if isinstance(r, Exception)]
-        if errors:  # e.g. NOGROUP after Redis restarted empty: results are written
-            log.warning("write of %d results: %s", len(outcomes), errors[0])
+        """Results, inbox pushes, acks and deletes of a batch: one atomic script."""
+        refused = await self.committer.commit(outcomes)
+        if refused:  # NOGROUP after Redis restarted empty: the results are written
+            log.warning("%d stream(s) refused the ack of %d results", refused, len(outcomes))
 
     # -- bookkeeping ----------------------------------------------------------
 

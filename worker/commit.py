@@ -1,0 +1,88 @@
+"""Committing a batch: every result (SET with TTL), the inbox pushes, and the
+XACK + XDEL of the entries they answer, in one Lua script: atomic (a kill
+never leaves a result without its ack or the reverse) and one command per
+batch instead of one per result, which is most of the write cost.
+
+Keys of one batch span several slots, so on Redis Cluster this script cannot
+run as is; the cluster path has to group per slot (see the scale-out issue).
+
+Script arguments:
+    KEYS = result keys (n, in outcome order), inbox keys (m), stream keys (q)
+    ARGV = ttl, n, m, q, payloads (n; empty = ack only), inbox index per
+           outcome (n; 0 = none), then per stream: id count, ids...
+XACK/XDEL run under pcall: after Redis restarted empty the group is gone
+(NOGROUP) and the results must still count as written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from common.keys import CONSUMER_GROUP, Keys
+from worker.lanes import Outcome
+
+COMMIT_LUA = """
+local ttl, n, m, q = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 1, n do
+  local payload = ARGV[4 + i]
+  if payload ~= '' then
+    redis.call('SET', KEYS[i], payload, 'EX', ttl)
+    local inbox = tonumber(ARGV[4 + n + i])
+    if inbox > 0 then redis.call('LPUSH', KEYS[n + inbox], payload) end
+  end
+end
+for j = 1, m do redis.call('EXPIRE', KEYS[n + j], ttl) end
+local a, failures = 4 + 2 * n, 0
+for j = 1, q do
+  local count = tonumber(ARGV[a + 1])
+  local ids = {}
+  for k = 1, count do ids[k] = ARGV[a + 1 + k] end
+  a = a + 1 + count
+  local acked = redis.pcall('XACK', KEYS[n + m + j], ARGV[#ARGV], unpack(ids))
+  if type(acked) == 'table' and acked.err then failures = failures + 1 end
+  redis.pcall('XDEL', KEYS[n + m + j], unpack(ids))
+end
+return failures
+"""
+
+
+class Committer:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, result_ttl_s: int) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ttl = result_ttl_s
+        self._sha = ""
+
+    async def commit(self, outcomes: Sequence[Outcome]) -> int:
+        """Write a batch's outcomes; returns how many streams refused the ack
+        (their group is gone; the results are written all the same)."""
+        inboxes: dict[str, int] = {}
+        streams: dict[str, list[bytes]] = {}
+        keys: list[Any] = [self._keys.result(o.request_id) for o in outcomes]
+        payloads: list[Any] = []
+        inbox_index: list[Any] = []
+        for out in outcomes:
+            payloads.append(out.payload)
+            if out.payload and out.reply_to:
+                inbox_index.append(inboxes.setdefault(out.reply_to, len(inboxes) + 1))
+            else:
+                inbox_index.append(0)
+            streams.setdefault(out.queue, []).append(out.entry_id)
+        keys += list(inboxes) + list(streams)
+        args: list[Any] = [self._ttl, len(outcomes), len(inboxes), len(streams)]
+        args += payloads + inbox_index
+        for ids in streams.values():
+            args += [len(ids), *ids]
+        args.append(CONSUMER_GROUP)
+        if not self._sha:
+            self._sha = await self._redis.script_load(COMMIT_LUA)
+        try:
+            failures: int = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+        except NoScriptError:  # Redis restarted and lost its script cache
+            self._sha = await self._redis.script_load(COMMIT_LUA)
+            failures = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+        return failures
