@@ -1,0 +1,103 @@
+"""The gateway application: ``create_app(settings)`` builds it; its cleanup
+contexts own the Redis pool and the AsyncClient that shares it (opened at
+start-up, closed after the last in-flight request) and the background task
+that keeps model specs fresh.
+
+Middlewares, outermost first: metrics (sees every final status), errors
+(every failure becomes a JSON body), auth (when tokens are configured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from common.errors import TensorQError
+from common.redis_conn import pooled_client
+from common.settings import Settings
+from producer.client import AsyncClient
+from producer.gateway import routes_v1, routes_v2
+from producer.gateway.auth import auth_middleware
+from producer.gateway.errors import error_middleware
+from producer.gateway.metrics import GatewayMetrics
+from producer.gateway.results import Followers, ResultWatcher
+from producer.gateway.state import GATEWAY, METRICS, SETTINGS, Gateway
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> web.Application:
+    config = settings.gateway
+    metrics = GatewayMetrics()
+    middlewares = [metrics.middleware(), error_middleware(config.retry_after_s)]
+    if config.tokens:
+        middlewares.append(auth_middleware(config.tokens))
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app.cleanup_ctx.append(_gateway)
+    app.cleanup_ctx.append(_refresh_specs)
+    app.on_shutdown.append(_answer_long_polls)
+    routes_v2.add_routes(app.router)
+    routes_v1.add_routes(app.router)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _gateway(app: web.Application) -> AsyncIterator[None]:
+    """One Redis pool for the whole gateway, shared with its one AsyncClient."""
+    settings = app[SETTINGS]
+    redis = pooled_client(settings.redis)
+    client = AsyncClient(settings=settings, redis=redis)
+    try:
+        await client.connect()  # RedisUnavailable names the masked URL
+        await client.models(refresh=True)
+    except BaseException:
+        await redis.aclose()
+        raise
+    watcher = ResultWatcher(redis, client.keys, interval_s=settings.gateway.poll_interval_ms / 1000)
+    followers = Followers(client, watcher, timeout_s=settings.redis.result_ttl_s)
+    app[GATEWAY] = Gateway(settings, redis, client, watcher, followers)
+    yield
+    await followers.close()
+    await watcher.close()
+    await client.close()
+    await redis.aclose()
+
+
+async def _refresh_specs(app: web.Application) -> AsyncIterator[None]:
+    """Re-read tq:models now and then, so a model removed or re-declared by
+    its workers is seen without a restart."""
+    gw = app[GATEWAY]
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(gw.settings.gateway.spec_refresh_s)
+            try:
+                await gw.client.models(refresh=True)
+            except TensorQError as exc:
+                log.warning("cannot refresh model specs: %s", exc)
+
+    task = asyncio.create_task(refresh(), name="spec-refresh")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _answer_long_polls(app: web.Application) -> None:
+    """On shutdown, long-polls answer their current state at once; sync
+    inference requests in flight are left to finish."""
+    await app[GATEWAY].watcher.close()
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    body, content_type = await request.app[METRICS].render(
+        gw.settings, gw.redis, request.headers.get("Accept")
+    )
+    return web.Response(body=body, headers={"Content-Type": content_type})

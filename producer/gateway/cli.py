@@ -1,0 +1,37 @@
+"""``tensorq gateway``: the HTTP front door (Open Inference Protocol, async
+polling, /metrics). Settings come from ``[gateway]`` in the config, then
+``TQ_GATEWAY_*``, then ``--host`` / ``--port``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from common.cli import add_common_flags
+from common.settings import Settings
+
+
+def gateway_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "gateway", help="HTTP gateway: Open Inference Protocol (KServe v2), polling, /metrics"
+    )
+    add_common_flags(parser)
+    parser.add_argument("--host", default=None, help="address to listen on (default: config)")
+    parser.add_argument(
+        "--port", type=int, default=None, help="port to listen on; 0 = any free (default: config)"
+    )
+    parser.set_defaults(func=_gateway)
+
+
+def _gateway(args: argparse.Namespace, settings: Settings) -> int:
+    from producer.gateway.server import run
+
+    if not settings.redis.url:
+        print("tensorq gateway needs the workers' Redis URL (--redis or TQ_REDIS_URL)")
+        return 2
+    changes = {"host": args.host, "port": args.port}
+    gateway = dataclasses.replace(
+        settings.gateway, **{k: v for k, v in changes.items() if v is not None}
+    )
+    return run(settings.replace(gateway=gateway))
