@@ -57,18 +57,38 @@ async def collect_status(
             record["last_seen_s_ago"] = round((now - record["last_seen_ms"]) / 1000, 1)
             workers.append(record)
         workers.sort(key=lambda r: r["name"])
+        for name, model in models.items():
+            model.update(_last_minute(name, [w for w in workers if w["alive"]]))
         return {"models": models, "workers": workers}
     finally:
         if given is None:
             await redis.aclose()
 
 
+def _last_minute(model: str, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Across live workers: rows/s summed, latency percentiles of the worst
+    worker (percentiles do not add up), the sparkline summed per 5 s bucket."""
+    minutes = [w.get("last_minute", {}).get(model) for w in workers]
+    present = [m for m in minutes if m]
+    spark = [sum(m["spark"][i] for m in present) for i in range(12)]
+    return {
+        "rows_per_s_1m": round(sum(m["rows_per_s"] for m in present), 2),
+        "p50_ms_1m": max((m["p50_ms"] for m in present), default=0.0),
+        "p99_ms_1m": max((m["p99_ms"] for m in present), default=0.0),
+        "spark_1m": spark,
+    }
+
+
 def format_status(report: dict[str, Any]) -> str:
-    lines = [f"{'model':<12}{'queued':>8}{'pending':>9}{'oldest ms':>11}{'dead':>7}"]
+    lines = [
+        f"{'model':<12}{'queued':>8}{'pending':>9}{'oldest ms':>11}{'dead':>7}"
+        f"{'rows/s 1m':>11}{'p50 ms':>9}{'p99 ms':>9}"
+    ]
     for name, m in report["models"].items():
         lines.append(
             f"{name:<12}{m['queued']:>8}{m['pending']:>9}"
             f"{m['oldest_pending_ms']:>11.0f}{m['dead_letters']:>7}"
+            f"{m['rows_per_s_1m']:>11.1f}{m['p50_ms_1m']:>9.1f}{m['p99_ms_1m']:>9.1f}"
         )
     lines.append("")
     lines.append(f"{'worker':<36}{'device':>8}{'alive':>7}{'batches':>9}{'mean':>7}{'seen':>7}")

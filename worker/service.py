@@ -59,6 +59,39 @@ class Stats:
     rows: int = 0
     errors: int = 0
     started_ms: float = field(default_factory=now_ms)
+    # per model: (done at, unix s; rows; latency ms = queued + infer), last minute
+    recent: dict[str, deque[tuple[float, int, float]]] = field(default_factory=dict)
+
+    def record(self, model: str, rows: int, latency_ms: float) -> None:
+        window = self.recent.setdefault(model, deque())
+        now = time.time()
+        window.append((now, rows, latency_ms))
+        while window and window[0][0] < now - 60:
+            window.popleft()
+
+    def last_minute(self) -> dict[str, dict[str, Any]]:
+        """Per model: rows/s, latency percentiles and a 12 x 5 s sparkline of rows."""
+        now = time.time()
+        summary: dict[str, dict[str, Any]] = {}
+        for model, window in self.recent.items():
+            done = [(t, r, ms) for t, r, ms in list(window) if t >= now - 60]  # a snapshot
+            latencies = sorted(ms for _, _, ms in done)
+            spark = [0] * 12
+            for t, rows, _ in done:
+                spark[min(11, int((t - (now - 60)) // 5))] += rows
+            summary[model] = {
+                "rows_per_s": round(sum(r for _, r, _ in done) / 60, 2),
+                "p50_ms": round(_percentile(latencies, 50), 2),
+                "p99_ms": round(_percentile(latencies, 99), 2),
+                "spark": spark,
+            }
+        return summary
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q / 100))]
 
 
 class WorkerService:
@@ -369,6 +402,7 @@ class WorkerService:
                 result = Result(request.id, "ok", outputs=outputs)
             result.queued_ms = max(0.0, started - item.enqueued_ms)
             result.infer_ms = infer_ms
+            self.stats.record(model.name, item.rows, result.queued_ms + infer_ms)
             result.batch_size = rows
             result.worker = self.name
             payload = pack_result(result, dtypes)
@@ -460,6 +494,7 @@ class WorkerService:
             "errors": stats.errors,
             "mean_batch_rows": round(stats.rows / stats.batches, 2) if stats.batches else 0.0,
             "started_ms": int(stats.started_ms),
+            "last_minute": stats.last_minute(),
             "last_seen_ms": int(now_ms()),
         }
         try:

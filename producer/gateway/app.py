@@ -20,7 +20,7 @@ from common.errors import TensorQError
 from common.redis_conn import pooled_client
 from common.settings import Settings
 from producer.client import AsyncClient
-from producer.gateway import routes_v1, routes_v2
+from producer.gateway import routes_v1, routes_v2, status_page
 from producer.gateway.auth import auth_middleware
 from producer.gateway.errors import error_middleware
 from producer.gateway.metrics import GatewayMetrics
@@ -44,6 +44,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_answer_long_polls)
     routes_v2.add_routes(app.router)
     routes_v1.add_routes(app.router)
+    status_page.add_routes(app.router)
     app.router.add_get("/metrics", _metrics)
     return app
 
