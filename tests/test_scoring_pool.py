@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from common.cli import main
 from common.embedded_redis import EmbeddedRedis
-from producer.scoring.batch import QUEUE, BatchKeys, batch_status
+from common.keys import Keys
+from producer.scoring.batch import QUEUE, batch_status
 from tests.conftest import ROOT, PoolHandle, wait_until
 
 
@@ -272,7 +273,7 @@ def test_batch_of_8_shards_retries_the_failed_one_and_collects_what_direct_scori
     batch_id = captured.out.strip()
     connection = redis.Redis.from_url(url)
     assert connection.llen(f"rq:queue:{QUEUE}") == 8
-    connection.set(BatchKeys().fail_once(batch_id, 3), b"1")  # shard 3 fails once
+    connection.set(Keys().batch_fail_once(batch_id, 3), b"1")  # shard 3 fails once
 
     _run_rq_jobs(url)
 

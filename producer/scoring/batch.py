@@ -12,8 +12,7 @@ and its job ids are kept in Redis:
     tq:batch:<id>        JSON BatchRecord (TTL: --ttl, default 7 days)
     tq:batch:<id>:jobs   list of RQ job ids, shard order (same TTL)
 
-(These belong in ``common/keys.py``; they are built here, in ``BatchKeys``,
-until that module can take them.) The part files are the source of truth
+(built by ``common.keys.Keys``). The part files are the source of truth
 for completion: a shard whose part exists is done, whatever its job says.
 """
 
@@ -48,22 +47,6 @@ RETRIES = 3
 DEFAULT_JOB_TIMEOUT_S = 3600
 DEFAULT_TTL_S = 7 * 24 * 3600
 _SETTLED = ("finished", "failed", "stopped", "canceled", "missing")
-
-
-@dataclass(frozen=True)
-class BatchKeys:
-    prefix: str = "tq"
-
-    def record(self, batch_id: str) -> str:
-        return f"{self.prefix}:batch:{batch_id}"
-
-    def jobs(self, batch_id: str) -> str:
-        return f"{self.prefix}:batch:{batch_id}:jobs"
-
-    def fail_once(self, batch_id: str, shard: int) -> str:
-        """Test/drill hook: while this key exists, the shard's next attempt
-        deletes it and fails (see ``producer.scoring.jobs``)."""
-        return f"{self.prefix}:batch:{batch_id}:fail-once:{shard}"
 
 
 @dataclass(frozen=True)
@@ -232,12 +215,12 @@ def submit_batch(
         created_ms=int(time.time() * 1000),
     )
     (output_dir / "batch.json").write_text(record.to_json() + "\n")
-    keys = BatchKeys(settings.redis.prefix)
+    keys = Keys(settings.redis.prefix)
     job_ids = [record.job_id(i) for i in range(record.shards)]
     with connection.pipeline(transaction=True) as pipe:
-        pipe.set(keys.record(record.batch_id), record.to_json(), ex=ttl_s)
-        pipe.rpush(keys.jobs(record.batch_id), *job_ids)
-        pipe.expire(keys.jobs(record.batch_id), ttl_s)
+        pipe.set(keys.batch(record.batch_id), record.to_json(), ex=ttl_s)
+        pipe.rpush(keys.batch_jobs(record.batch_id), *job_ids)
+        pipe.expire(keys.batch_jobs(record.batch_id), ttl_s)
         pipe.execute()
     queue = Queue(QUEUE, connection=connection)
     datas = []
@@ -274,7 +257,7 @@ def submit_batch(
 
 
 def load_record(connection: redis.Redis, prefix: str, batch_id: str) -> BatchRecord:
-    raw: Any = connection.get(BatchKeys(prefix).record(batch_id))
+    raw: Any = connection.get(Keys(prefix).batch(batch_id))
     if raw is None:
         raise ScoringError(f"no batch {batch_id!r} in Redis (expired, or never submitted)")
     return BatchRecord.from_json(raw)

@@ -30,8 +30,8 @@ import redis
 from rq import get_current_job
 from rq.job import Job
 
+from common.keys import Keys
 from common.settings import Settings, load_settings
-from producer.scoring.batch import BatchKeys
 from producer.scoring.errors import ScoringError
 from producer.scoring.inputs import open_inputs
 from producer.scoring.runner import DEFAULT_WINDOW, ScoreOptions, ScoreSummary, score_file
@@ -62,7 +62,7 @@ def score_shard(
         raise ScoringError("score_shard runs as an RQ job (rq worker tensorq-batch)")
     connection: redis.Redis = job.connection
     try:
-        _fail_once(connection, BatchKeys(prefix).fail_once(batch_id, shard))
+        _fail_once(connection, Keys(prefix).batch_fail_once(batch_id, shard))
         part_path = Path(part)
         if part_path.exists():  # an earlier attempt finished it
             _check_part(part_path, stop - start)
