@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -59,7 +60,9 @@ def test_supervisord_runs_the_stack_and_shuts_it_down(tmp_path: Path, models_dir
         "TQ_GATEWAY_PORT": str(gateway_port),
     }
     conf = str(ROOT / "supervisord.conf")
-    supervisord = subprocess.Popen([BIN / "supervisord", "-c", conf, "-n"], env=env, cwd=ROOT)
+    supervisord = subprocess.Popen(
+        [BIN / "supervisord", "-c", conf, "-n"], env=env, cwd=ROOT, start_new_session=True
+    )
     ctl = [str(BIN / "supervisorctl"), "-c", conf]
     try:
 
@@ -105,6 +108,10 @@ def test_supervisord_runs_the_stack_and_shuts_it_down(tmp_path: Path, models_dir
         assert supervisord.wait(90) == 0
         assert [p for p in pids if alive(p)] == []
     finally:
-        if supervisord.poll() is None:
-            supervisord.kill()
-            supervisord.wait()
+        if supervisord.poll() is None:  # a failed assertion: still stop every program
+            supervisord.terminate()  # supervisord stops its programs on SIGTERM
+            try:
+                supervisord.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(supervisord.pid, signal.SIGKILL)
+                supervisord.wait()
