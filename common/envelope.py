@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgpack
 import numpy as np
@@ -79,26 +79,40 @@ def unpack_request(payload: bytes, limits: CodecLimits = DEFAULT_LIMITS) -> Requ
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ProtocolError("request: 'model' must be a non-empty string")
-        raw_inputs = body.get("inputs")
-        if not isinstance(raw_inputs, Mapping) or not raw_inputs:
-            raise ProtocolError("request: 'inputs' must be a non-empty map of name -> tensor")
-        inputs = {}
-        for name, tensor in raw_inputs.items():
-            if not isinstance(name, str):
-                raise ProtocolError("request: input names must be strings")
-            inputs[name] = decode_tensor(tensor, limits, name=f"input {name!r}")
-        deadline = body.get("deadline")
-        if deadline is not None and type(deadline) is not int:
-            raise ProtocolError("request: 'deadline' must be an int (unix ms)")
-        reply_to = body.get("reply_to")
-        if reply_to is not None and not isinstance(reply_to, str):
-            raise ProtocolError("request: 'reply_to' must be a string")
-        priority = body.get("priority", 0)
-        if type(priority) is not int:
-            raise ProtocolError("request: 'priority' must be an int")
+        fields = decode_request_fields(body, limits)
     except ProtocolError as exc:
         raise ProtocolError(exc.message, request_id=request_id) from None
-    return Request(request_id, model, inputs, deadline, reply_to, priority)
+    return Request(request_id, model, *fields)
+
+
+class RequestFields(NamedTuple):
+    inputs: Arrays
+    deadline_ms: int | None
+    reply_to: str | None
+    priority: int
+
+
+def decode_request_fields(body: Mapping[Any, Any], limits: CodecLimits) -> RequestFields:
+    """Validate and decode a request map's inputs, deadline, reply_to and
+    priority (shared by the stream decoder and the gateway's msgpack bodies)."""
+    raw_inputs = body.get("inputs")
+    if not isinstance(raw_inputs, Mapping) or not raw_inputs:
+        raise ProtocolError("request: 'inputs' must be a non-empty map of name -> tensor")
+    inputs = {}
+    for name, tensor in raw_inputs.items():
+        if not isinstance(name, str):
+            raise ProtocolError("request: input names must be strings")
+        inputs[name] = decode_tensor(tensor, limits, name=f"input {name!r}")
+    deadline = body.get("deadline")
+    if deadline is not None and type(deadline) is not int:
+        raise ProtocolError("request: 'deadline' must be an int (unix ms)")
+    reply_to = body.get("reply_to")
+    if reply_to is not None and not isinstance(reply_to, str):
+        raise ProtocolError("request: 'reply_to' must be a string")
+    priority = body.get("priority", 0)
+    if type(priority) is not int:
+        raise ProtocolError("request: 'priority' must be an int")
+    return RequestFields(inputs, deadline, reply_to, priority)
 
 
 def pack_result(result: Result, output_dtypes: Mapping[str, str] | None = None) -> bytes:

@@ -52,6 +52,17 @@ def expected_workers(devices: str) -> int | None:
     return count
 
 
+def stop_process(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    """SIGTERM (the process drains), then SIGKILL after ``grace_s``."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @dataclass
 class RunningStack:
     redis_url: str
@@ -105,10 +116,4 @@ def local_stack(
             running.wait_ready(expected_workers(devices))
             yield running
         finally:
-            if pool.poll() is None:
-                pool.send_signal(signal.SIGTERM)
-            try:
-                pool.wait(settings.worker.drain_grace_s + 10)
-            except subprocess.TimeoutExpired:
-                pool.kill()
-                pool.wait()
+            stop_process(pool, settings.worker.drain_grace_s + 10)

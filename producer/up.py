@@ -13,7 +13,7 @@ from typing import Any
 
 from common.cli import add_common_flags
 from common.settings import Settings
-from producer.stack import ensure_example_models, local_stack, tensorq_command
+from producer.stack import ensure_example_models, local_stack, stop_process, tensorq_command
 
 
 def up_command(subparsers: Any) -> None:
@@ -49,11 +49,5 @@ def run_up(args: argparse.Namespace, settings: Settings) -> int:
                     print("tensorq up: a component exited; stopping", flush=True)
                     break
         finally:
-            if gateway.poll() is None:
-                gateway.send_signal(signal.SIGTERM)
-            try:
-                gateway.wait(settings.worker.drain_grace_s + 10)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
-                gateway.wait()
+            stop_process(gateway, settings.worker.drain_grace_s + 10)
     return 0

@@ -19,7 +19,8 @@ import msgpack
 import numpy as np
 from aiohttp import web
 
-from common.codec import CodecLimits, decode_tensor
+from common.codec import CodecLimits
+from common.envelope import decode_request_fields
 from common.errors import ProtocolError
 from producer.gateway.oip import check_request_id
 
@@ -64,19 +65,7 @@ def parse_wire_request(body: bytes, model: str, limits: CodecLimits) -> WireRequ
     if named is not None and named != model:
         raise ProtocolError(f"the body names model {named!r:.60}, the path {model!r}")
     request_id = check_request_id(doc.get("id"))
-    raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, dict) or not raw_inputs:
-        raise ProtocolError("'inputs' must be a non-empty map of name -> tensor")
-    inputs: dict[str, np.ndarray[Any, Any]] = {}
-    for name, tensor in raw_inputs.items():
-        if not isinstance(name, str):
-            raise ProtocolError("input names must be strings")
-        inputs[name] = decode_tensor(tensor, limits, name=f"input {name!r}")
-    deadline = doc.get("deadline")
-    if deadline is not None and type(deadline) is not int:
-        raise ProtocolError("'deadline' must be an int (unix ms)")
-    priority = doc.get("priority", 0)
-    if type(priority) is not int:
-        raise ProtocolError("'priority' must be an int")
+    fields = decode_request_fields(doc, limits)  # the same checks as the stream decoder
+    deadline = fields.deadline_ms
     timeout = None if deadline is None else deadline / 1000 - time.time()
-    return WireRequest(request_id, inputs, timeout, priority)
+    return WireRequest(request_id, fields.inputs, timeout, fields.priority)
