@@ -55,6 +55,7 @@ class WorkerSettings:
     crash_on_request_prefix: str = ""  # test-only fault hook: SIGKILL on such request ids
     watch_models: bool = False  # reload a model when its file changes
     batch_policy: str = ""  # fixed | adaptive for every model; empty = each model's own
+    metrics_port: int = 0  # >0: the pool serves worker histograms (Prometheus) on this port
 
 
 @dataclass(frozen=True)

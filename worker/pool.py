@@ -24,6 +24,7 @@ from typing import Any
 
 from common.settings import Settings
 from worker.devices import DeviceSlot
+from worker.metrics import MULTIPROC_ENV, MetricsServer
 from worker.process import EXIT_FATAL, worker_main
 
 log = logging.getLogger(__name__)
@@ -47,10 +48,14 @@ def patched_environ(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def spawn_pinned(
-    slot: DeviceSlot, target: Callable[..., None], args: tuple[Any, ...], name: str
+    slot: DeviceSlot,
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    name: str,
+    extra_env: Mapping[str, str] | None = None,
 ) -> BaseProcess:
     """Start ``target(*args)`` in a spawned process whose environment pins ``slot``."""
-    with patched_environ(slot.environment()):
+    with patched_environ({**slot.environment(), **(extra_env or {})}):
         process = _SPAWN.Process(target=target, args=args, name=name, daemon=False)
         process.start()
     return process
@@ -82,6 +87,8 @@ class WorkerPool:
         # Stable per parent and slot: a restarted child re-reads its own pending entries.
         prefix = f"{socket.gethostname()}-{os.getpid()}"
         self.children = [_Child(slot, f"{prefix}-{slot.label}") for slot in slots]
+        port = settings.worker.metrics_port
+        self.metrics = MetricsServer(port) if port > 0 else None
         self._stop = False
         self._wake_r, self._wake_w = os.pipe()
         self.exit_code = 0
@@ -93,7 +100,8 @@ class WorkerPool:
     def _spawn(self, child: _Child) -> None:
         child.ready = _SPAWN.Event()
         args = (child.slot, self.settings, child.name, self.logging_setup, child.ready)
-        process = spawn_pinned(child.slot, worker_main, args, child.name)
+        env = {MULTIPROC_ENV: self.metrics.directory} if self.metrics else None
+        process = spawn_pinned(child.slot, worker_main, args, child.name, env)
         child.process = process
         child.started = time.monotonic()
         child.restart_at = None
@@ -102,6 +110,8 @@ class WorkerPool:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        if self.metrics is not None:
+            self.metrics.start()
         for child in self.children:
             self._spawn(child)
         try:
@@ -109,6 +119,8 @@ class WorkerPool:
                 self._supervise_once()
         finally:
             self._shutdown()
+            if self.metrics is not None:
+                self.metrics.stop()
             os.close(self._wake_r)
             os.close(self._wake_w)
         return self.exit_code
@@ -126,6 +138,8 @@ class WorkerPool:
             process = child.process
             if process is not None and not process.is_alive():
                 code = process.exitcode
+                if self.metrics is not None and process.pid is not None:
+                    self.metrics.child_died(process.pid)
                 process.close()
                 child.process = None
                 if code == EXIT_FATAL:

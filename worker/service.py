@@ -42,6 +42,7 @@ from worker.commit import Committer
 from worker.execution import DeviceExecutor, ModelFailure
 from worker.feed import Feed
 from worker.lanes import Lane, Outcome, Pending
+from worker.metrics import worker_metrics
 from worker.recovery import Entry, Recovery
 from worker.registry import LoadedModel, load_model
 
@@ -130,6 +131,7 @@ class WorkerService:
             result_ttl_s=settings.redis.result_ttl_s,
         )
         self.committer = Committer(redis, self.keys, settings.redis.result_ttl_s)
+        self.metrics = worker_metrics()
         self._stopping = asyncio.Event()
         self._work = asyncio.Event()
         self._writes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=4)
@@ -410,6 +412,9 @@ class WorkerService:
                 Outcome(lane.queue, item.entry_id, request.id, request.reply_to, payload)
             )
         lane.window.record_batch(rows, infer_ms)
+        if self.metrics is not None:
+            waits = [max(0.0, started - p.enqueued_ms) / 1000 for p in items]
+            self.metrics.record_batch(model.name, rows, infer_ms / 1000, waits)
         self.stats.batches += 1
         self.stats.requests += len(items)
         self.stats.rows += rows
