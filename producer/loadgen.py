@@ -76,7 +76,19 @@ async def run_load(
     start = time.perf_counter()
     await asyncio.gather(*(producer() for _ in range(concurrency)))
     seconds = time.perf_counter() - start
-    lat = np.array(latencies)
+    return _summary(model, requests, rows, seconds, latencies, batch_rows, errors)
+
+
+def _summary(
+    model: str,
+    requests: int,
+    rows: int,
+    seconds: float,
+    latencies: list[float],
+    batch_rows: list[int],
+    errors: int,
+) -> LoadReport:
+    lat = np.array(latencies or [0.0])
     return LoadReport(
         model=model,
         requests=requests,
@@ -84,7 +96,7 @@ async def run_load(
         seconds=seconds,
         p50_ms=float(np.percentile(lat, 50)),
         p99_ms=float(np.percentile(lat, 99)),
-        mean_batch_rows=float(np.mean(batch_rows)),
+        mean_batch_rows=float(np.mean(batch_rows or [0])),
         errors=errors,
     )
 
@@ -148,15 +160,5 @@ async def run_rate(
         tasks.append(asyncio.create_task(one(payload)))
     await asyncio.gather(*tasks)
     elapsed = loop.time() - start
-    lat = np.array(latencies or [0.0])
     rows = sum(int(next(iter(p.values())).shape[0]) for p in payloads)
-    return LoadReport(
-        model=model,
-        requests=count,
-        rows=rows,
-        seconds=elapsed,
-        p50_ms=float(np.percentile(lat, 50)),
-        p99_ms=float(np.percentile(lat, 99)),
-        mean_batch_rows=float(np.mean(batch_rows or [0])),
-        errors=errors,
-    )
+    return _summary(model, count, rows, elapsed, latencies, batch_rows, errors)

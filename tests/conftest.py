@@ -54,6 +54,17 @@ async def async_wait_until(
         delay = min(delay * 1.5, 0.2)
 
 
+def http_ready(url: str) -> bool:
+    """True once ``url`` answers 200 (for wait_until)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
     with EmbeddedRedis() as url:

@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import redis
 
 from producer import Client
-from tests.conftest import ROOT, PoolHandle, wait_until, write_config
+from tests.conftest import ROOT, PoolHandle, http_ready, wait_until, write_config
 
 CHROMIUM = shutil.which("chromium")
 FLAGS = [
@@ -75,15 +74,7 @@ def test_status_page_matches_tensorq_status(
     )  # fmt: skip
     try:
         url = f"http://127.0.0.1:{port}/"
-
-        def up() -> bool:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as reply:
-                    return bool(reply.status == 200)
-            except OSError:
-                return False
-
-        wait_until(up, 60, "the gateway")
+        wait_until(lambda: http_ready(url), 60, "the gateway")
         status = json.loads(
             subprocess.run(
                 [sys.executable, "-m", "common.cli", "status", "--redis", redis_url, "--json"],

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.conftest import ROOT, wait_until, write_config
+from tests.conftest import ROOT, http_ready, wait_until, write_config
 
 BIN = Path(sys.executable).parent
 
@@ -78,14 +78,7 @@ def test_supervisord_runs_the_stack_and_shuts_it_down(tmp_path: Path, models_dir
         )
         base = f"http://127.0.0.1:{gateway_port}"
 
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=5) as reply:
-                    return bool(reply.status == 200)
-            except OSError:
-                return False
-
-        wait_until(ready, 120, "gateway ready")
+        wait_until(lambda: http_ready(f"{base}/v2/health/ready"), 120, "gateway ready")
         body = {
             "inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32", "data": [0.5] * 256}]
         }

@@ -13,7 +13,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import ROOT, wait_until, write_config
+from tests.conftest import ROOT, http_ready, wait_until, write_config
 
 
 def test_up_serves_http_and_ctrl_c_stops_everything(tmp_path: Path, models_dir: Path) -> None:
@@ -31,14 +31,7 @@ def test_up_serves_http_and_ctrl_c_stops_everything(tmp_path: Path, models_dir: 
         wait_until(lambda: "tensorq up:" in log.read_text(), 120, "the stack up")
         base = f"http://127.0.0.1:{port}"
 
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=5) as reply:
-                    return bool(reply.status == 200)
-            except OSError:
-                return False
-
-        wait_until(ready, 120, "gateway ready")
+        wait_until(lambda: http_ready(f"{base}/v2/health/ready"), 120, "gateway ready")
         tensor = {"name": "x", "shape": [1, 256], "datatype": "FP32", "data": [0.25] * 256}
         request = urllib.request.Request(
             f"{base}/v2/models/mlp/infer",
