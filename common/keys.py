@@ -21,11 +21,22 @@ Layout (``tq`` is the configurable prefix; ``<x>`` a placeholder):
                         ``:fail-once:<shard>`` a test/drill hook failing a shard once
     tq:workers          hash: worker name -> JSON heartbeat and stats
     tq:models           hash: model name -> JSON ModelSpec, written by workers
+
+On Redis Cluster (``Keys(cluster=True)``) the same names carry hash tags so
+that no command spans two slots: a model's keys tag the model
+(``tq:q:{mlp}``, ``tq:q:{mlp}:high``, ``tq:dead:{mlp}``: one slot per model,
+so reading, dead-lettering and acking touch one node) and a request's keys
+tag its id (``tq:r:{id}``, ``tq:cancel:{id}``, ``tq:acc:{id}``: spread over
+the cluster by id, and the gateway's accept check stays one transaction).
+On a single node the names stay exactly as above: the key builder decides,
+the calling code is the same.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from common.settings import RedisSettings
 
 CONSUMER_GROUP = "workers"
 NORMAL, HIGH = 0, 1  # request priorities: workers fill batches from HIGH first
@@ -35,30 +46,40 @@ REQUEST_FIELD = "req"
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "tq"
+    cluster: bool = False
+
+    @classmethod
+    def of(cls, redis: RedisSettings) -> Keys:
+        """The key builder for a deployment's Redis settings."""
+        return cls(redis.prefix, redis.is_cluster)
+
+    def _tag(self, part: str) -> str:
+        return f"{{{part}}}" if self.cluster else part
 
     def queue(self, model: str, priority: int = NORMAL) -> str:
         """The model's stream; priority HIGH (any priority > 0) has its own."""
-        return f"{self.prefix}:q:{model}:high" if priority > NORMAL else f"{self.prefix}:q:{model}"
+        stream = f"{self.prefix}:q:{self._tag(model)}"
+        return f"{stream}:high" if priority > NORMAL else stream
 
     def queues(self, model: str) -> tuple[str, str]:
         """Both of a model's streams, in the order workers serve them."""
         return self.queue(model, HIGH), self.queue(model, NORMAL)
 
     def result(self, request_id: str) -> str:
-        return f"{self.prefix}:r:{request_id}"
+        return f"{self.prefix}:r:{self._tag(request_id)}"
 
     def inbox(self, client_id: str) -> str:
         return f"{self.prefix}:inbox:{client_id}"
 
     def dead(self, model: str) -> str:
-        return f"{self.prefix}:dead:{model}"
+        return f"{self.prefix}:dead:{self._tag(model)}"
 
     def accepted(self, request_id: str) -> str:
         """The gateway's marker of an accepted async request (see the layout above)."""
-        return f"{self.prefix}:acc:{request_id}"
+        return f"{self.prefix}:acc:{self._tag(request_id)}"
 
     def cancelled(self, request_id: str) -> str:
-        return f"{self.prefix}:cancel:{request_id}"
+        return f"{self.prefix}:cancel:{self._tag(request_id)}"
 
     def batch(self, batch_id: str) -> str:
         """An offline batch's record (``tensorq batch submit``)."""

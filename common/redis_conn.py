@@ -4,16 +4,30 @@ and its socket timeout must outlast its BLOCK).
 
 Start-up failures become ``RedisUnavailable`` naming the URL with the
 password masked; the password never reaches a message or a log line.
+
+With ``RedisSettings.is_cluster`` (a ``redis+cluster://h1:p1,h2:p2`` URL or
+``cluster = true``) the same functions return ``redis.asyncio.RedisCluster``
+clients. They are typed as ``Redis``: both speak the same command API, and
+the few places that differ (transactions spanning slots, pub/sub) ask
+``is_cluster`` themselves.
 """
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import AuthenticationError, ConnectionError, RedisError, TimeoutError
+from redis.exceptions import (
+    AuthenticationError,
+    ConnectionError,
+    RedisClusterException,
+    RedisError,
+    TimeoutError,
+)
 
 from common.errors import RedisUnavailable
 from common.settings import RedisSettings
@@ -23,14 +37,44 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (ConnectionError, TimeoutError)
 
 
 def mask_url(url: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host``."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``redis://user:secret@host`` -> ``redis://user:***@host`` (cluster
+    URLs with several ``host:port`` too)."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, tail = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{hosts}{slash}{tail}"
+
+
+def cluster_client(settings: RedisSettings, *, socket_timeout: float) -> aioredis.Redis:
+    """A RedisCluster from ``redis+cluster://[user:password@]h1:p1,h2:p2``
+    (``rediss+cluster`` for TLS) or, with ``cluster = true``, a plain URL
+    naming one node. Connections are per node; redis-py's cluster pool cannot
+    wait for a free one, so ``max_connections`` bounds each node's pool."""
+    scheme, _, rest = settings.url.partition("://")
+    netloc = rest.partition("/")[0]
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    nodes = []
+    for host_port in hosts.split(","):
+        parts = urlsplit(f"//{host_port.strip()}")
+        nodes.append(ClusterNode(parts.hostname or "localhost", parts.port or 6379))
+    options: dict[str, Any] = {}
+    if scheme.startswith("rediss"):
+        options["ssl"] = True
+    cluster = RedisCluster(
+        startup_nodes=nodes,
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        max_connections=settings.max_connections,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=settings.connect_timeout_s,
+        retry=_retry(),
+        **options,
+    )
+    return cast(aioredis.Redis, cluster)
 
 
 def _retry() -> Retry:
@@ -40,6 +84,8 @@ def _retry() -> Retry:
 def pooled_client(settings: RedisSettings) -> aioredis.Redis:
     """The process's shared client: a blocking pool, so a burst waits for a
     connection instead of failing with 'Too many connections'."""
+    if settings.is_cluster:
+        return cluster_client(settings, socket_timeout=settings.socket_timeout_s)
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.url,
         max_connections=settings.max_connections,
@@ -53,11 +99,15 @@ def pooled_client(settings: RedisSettings) -> aioredis.Redis:
 
 
 def blocking_client(settings: RedisSettings, block_ms: int) -> aioredis.Redis:
-    """A single-connection client for one blocking reader (XREADGROUP/BLMPOP)."""
+    """A single-connection client for one blocking reader (XREADGROUP/BLMPOP);
+    on Cluster a client of its own, so the read holds no shared pool slot."""
+    socket_timeout = block_ms / 1000 + settings.socket_timeout_s
+    if settings.is_cluster:
+        return cluster_client(settings, socket_timeout=socket_timeout)
     return aioredis.Redis.from_url(
         settings.url,
         single_connection_client=True,
-        socket_timeout=block_ms / 1000 + settings.socket_timeout_s,
+        socket_timeout=socket_timeout,
         socket_connect_timeout=settings.connect_timeout_s,
     )
 
@@ -68,6 +118,6 @@ async def check_reachable(client: aioredis.Redis, url: str) -> None:
         await client.ping()
     except AuthenticationError:
         raise RedisUnavailable(f"Redis at {mask_url(url)} refused the credentials") from None
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         reason = str(exc).replace(url, mask_url(url))
         raise RedisUnavailable(f"cannot reach Redis at {mask_url(url)}: {reason}") from None

@@ -24,6 +24,9 @@ ENV_PREFIX = "TQ_"
 CONFIG_ENV = "TQ_CONFIG"
 
 
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
 @dataclass(frozen=True)
 class RedisSettings:
     url: str = ""  # empty: a private redis-server is started
@@ -32,6 +35,12 @@ class RedisSettings:
     connect_timeout_s: float = 5.0
     max_connections: int = 64
     result_ttl_s: int = 3600
+    cluster: bool = False  # also implied by a redis+cluster:// URL
+
+    @property
+    def is_cluster(self) -> bool:
+        """Redis Cluster: every component uses ``redis.asyncio.RedisCluster``."""
+        return self.cluster or self.url.split("://", 1)[0] in CLUSTER_SCHEMES
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,7 @@ class AsyncClient:
         if not settings.redis.url:
             raise TensorQError("AsyncClient needs a Redis URL")
         self.settings = settings
-        self.keys = Keys(settings.redis.prefix)
+        self.keys = Keys.of(settings.redis)
         self.client_id = client_id or uuid.uuid4().hex[:16]
         # Ids are this client's random id plus a counter: unique, and cheaper
         # than a uuid4 (a getrandom syscall) per request.
@@ -268,17 +268,35 @@ class AsyncClient:
         groups: dict[str, list[int]] = {}
         for index, (request, _) in enumerate(prepared):
             groups.setdefault(self.keys.queue(request.model, request.priority), []).append(index)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for queue, indices in groups.items():
-                limit = prepared[indices[0]][1]
-                payloads = [pack_request(prepared[i][0]) for i in indices]
-                pipe.evalsha(self._enqueue_sha, 1, queue, limit, REQUEST_FIELD, *payloads)
-            replies: list[Any] = await self._call(pipe.execute())
+        calls = [
+            (queue, prepared[indices[0]][1], [pack_request(prepared[i][0]) for i in indices])
+            for queue, indices in groups.items()
+        ]
+        if self.keys.cluster:  # cluster pipelines refuse EVALSHA: concurrent calls instead
+            replies: list[Any] = await asyncio.gather(*(self._enqueue_one(*c) for c in calls))
+        else:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for queue, limit, payloads in calls:
+                    pipe.evalsha(self._enqueue_sha, 1, queue, limit, REQUEST_FIELD, *payloads)
+                replies = await self._call(pipe.execute())
         entry_ids: list[Any] = [None] * len(prepared)
         for indices, reply in zip(groups.values(), replies, strict=True):
             for index, entry_id in zip(indices, reply, strict=True):
                 entry_ids[index] = entry_id
         return entry_ids
+
+    async def _enqueue_one(self, queue: str, limit: int, payloads: list[bytes]) -> Any:
+        """One stream's script call on Cluster; a node that lost its script
+        cache gets it again here, without resending the other streams' calls."""
+        try:
+            return await self._call(
+                self.redis.evalsha(self._enqueue_sha, 1, queue, limit, REQUEST_FIELD, *payloads)
+            )
+        except NoScriptError:
+            self._enqueue_sha = await self._call(self.redis.script_load(_ENQUEUE_LUA))
+            return await self._call(
+                self.redis.evalsha(self._enqueue_sha, 1, queue, limit, REQUEST_FIELD, *payloads)
+            )
 
     async def _prepare(self, submission: Submission) -> tuple[Request, int]:
         spec = await self.spec(submission.model)
@@ -333,6 +351,10 @@ class AsyncClient:
     async def cancel(self, request_id: str) -> None:
         """Ask workers to skip a request they have not started (result ``cancelled``)."""
         ttl = self.settings.redis.result_ttl_s
+        if self.keys.cluster:  # cluster pipelines refuse PUBLISH: marker first, then the news
+            await self._call(self.redis.set(self.keys.cancelled(request_id), b"1", ex=ttl))
+            await self._call(self.redis.publish(self.keys.cancel_channel, request_id))
+            return
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.cancelled(request_id), b"1", ex=ttl)
             pipe.publish(self.keys.cancel_channel, request_id)
@@ -387,7 +409,12 @@ class AsyncClient:
         waiting = [i for i, f in self._inbox.waiters.items() if not f.done()]
         for start in range(0, len(waiting), 500):
             chunk = waiting[start : start + 500]
-            stored: Any = await self.redis.mget([self.keys.result(i) for i in chunk])
+            keys = [self.keys.result(i) for i in chunk]
+            stored: Any = await (
+                self.redis.mget_nonatomic(keys)  # type: ignore[attr-defined]
+                if self.keys.cluster
+                else self.redis.mget(keys)
+            )
             self._deliver([blob for blob in stored if blob])
 
     def _deliver(self, blobs: Sequence[bytes]) -> None:

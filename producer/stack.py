@@ -72,7 +72,7 @@ class RunningStack:
     def live_workers(self) -> list[dict[str, object]]:
         client = redis.Redis.from_url(self.redis_url)
         try:
-            raw = client.hgetall(Keys(self.settings.redis.prefix).workers)
+            raw = client.hgetall(Keys.of(self.settings.redis).workers)
         finally:
             client.close()
         now = time.time() * 1000

@@ -22,7 +22,7 @@ async def collect_status(
 ) -> dict[str, Any]:
     """``redis`` shares a caller's client (the gateway's pool at scrape time);
     without it a client is opened and closed for this call."""
-    keys = Keys(settings.redis.prefix)
+    keys = Keys.of(settings.redis)
     given = redis
     redis = given or pooled_client(settings.redis)
     try:

@@ -65,6 +65,17 @@ def http_ready(url: str) -> bool:
         return False
 
 
+def sync_client(url: str, **options: object) -> redis.Redis:
+    """A blocking client for a test's Redis URL, a RedisCluster for
+    ``redis+cluster://h1:p1,h2:p2`` (typed as Redis: same command API)."""
+    if url.startswith("redis+cluster://"):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        nodes = [ClusterNode(*hp.split(":")) for hp in url.split("://")[1].split(",")]
+        return RedisCluster(startup_nodes=nodes, **options)  # type: ignore[return-value]
+    return redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[str]:
     with EmbeddedRedis() as url:
@@ -111,7 +122,7 @@ class PoolHandle:
     stopped: bool = field(default=False)
 
     def live_workers(self) -> list[dict[str, object]]:
-        client = redis.Redis.from_url(self.redis_url)
+        client = sync_client(self.redis_url)
         try:
             raw = client.hgetall("tq:workers")
         finally:

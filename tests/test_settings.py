@@ -454,4 +454,4 @@ def test_custom_prefix_key_names() -> None:
 
 def test_keys_follow_the_settings_prefix() -> None:
     settings = load_settings(env={"TQ_REDIS_PREFIX": "p1"})
-    assert Keys(settings.redis.prefix).queue("m") == "p1:q:m"
+    assert Keys.of(settings.redis).queue("m") == "p1:q:m"

@@ -73,9 +73,7 @@ def _reload(args: argparse.Namespace, settings: Settings) -> int:
         try:
             await check_reachable(client, settings.redis.url)
             message = json.dumps({"op": "reload", "model": args.model})
-            receivers: int = await client.publish(
-                Keys(settings.redis.prefix).control_channel, message
-            )
+            receivers: int = await client.publish(Keys.of(settings.redis).control_channel, message)
             return receivers
         finally:
             await client.aclose()
@@ -83,7 +81,11 @@ def _reload(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.redis.url:
         print("tensorq models reload needs a Redis URL (--redis or TQ_REDIS_URL)")
         return 2
-    print(f"reload of {args.model!r} announced to {asyncio.run(publish())} worker(s)")
+    receivers = asyncio.run(publish())
+    if settings.redis.is_cluster:  # a cluster counts only the subscribers of one node
+        print(f"reload of {args.model!r} announced on the cluster")
+    else:
+        print(f"reload of {args.model!r} announced to {receivers} worker(s)")
     return 0
 
 

@@ -3,8 +3,12 @@ XACK + XDEL of the entries they answer, in one Lua script: atomic (a kill
 never leaves a result without its ack or the reverse) and one command per
 batch instead of one per result, which is most of the write cost.
 
-Keys of one batch span several slots, so on Redis Cluster this script cannot
-run as is; the cluster path has to group per slot (see the scale-out issue).
+Keys of one batch span several slots, so on Redis Cluster (``keys.cluster``)
+the script cannot run; there a batch is two pipelined round trips instead:
+the results and inbox pushes (redis-py sends each node its share), then per
+stream XACK + XDEL (a stream's keys share a slot). A kill between the two
+leaves answered entries pending; their redelivery finds the result and only
+acks, so each request is still answered once.
 
 Script arguments:
     KEYS = result keys (n, in outcome order), inbox keys (m), stream keys (q)
@@ -60,6 +64,8 @@ class Committer:
     async def commit(self, outcomes: Sequence[Outcome]) -> int:
         """Write a batch's outcomes; returns how many streams refused the ack
         (their group is gone; the results are written all the same)."""
+        if self._keys.cluster:
+            return await self._commit_by_slot(outcomes)
         inboxes: dict[str, int] = {}
         streams: dict[str, list[bytes]] = {}
         keys: list[Any] = [self._keys.result(o.request_id) for o in outcomes]
@@ -86,3 +92,25 @@ class Committer:
             self._sha = await self._redis.script_load(COMMIT_LUA)
             failures = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
         return failures
+
+    async def _commit_by_slot(self, outcomes: Sequence[Outcome]) -> int:
+        inboxes: set[str] = set()
+        streams: dict[str, list[bytes]] = {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for out in outcomes:
+                if out.payload:
+                    pipe.set(self._keys.result(out.request_id), out.payload, ex=self._ttl)
+                    if out.reply_to:
+                        pipe.lpush(out.reply_to, out.payload)
+                        inboxes.add(out.reply_to)
+                streams.setdefault(out.queue, []).append(out.entry_id)
+            for inbox in inboxes:
+                pipe.expire(inbox, self._ttl)
+            if len(pipe):
+                await pipe.execute()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for queue, ids in streams.items():
+                pipe.xack(queue, CONSUMER_GROUP, *ids)
+                pipe.xdel(queue, *ids)
+            replies = await pipe.execute(raise_on_error=False)
+        return sum(isinstance(reply, Exception) for reply in replies[::2])

@@ -87,17 +87,21 @@ class Recovery:
             "its worker died each time"
         )
         request_id, reply_to = peek_id_and_reply_to(raw)
+        # On Cluster the answer lives in other slots than the stream: it is
+        # written first, then the dead letter and the ack (one slot) together.
         async with self._redis.pipeline(transaction=True) as pipe:
+            if request_id:
+                payload = pack_result(Result.failure(request_id, "error", "poison", reason))
+                answer = self._redis.pipeline(transaction=False) if self._keys.cluster else pipe
+                answer.set(self._keys.result(request_id), payload, ex=self._result_ttl_s)
+                if reply_to:
+                    answer.lpush(reply_to, payload)
+                if answer is not pipe:
+                    await answer.execute()
             pipe.xadd(
                 self._keys.dead(lane.model.name),
                 {"req": raw, "reason": reason, "entry": entry_id},
             )
-            if request_id:
-                result = Result.failure(request_id, "error", "poison", reason)
-                payload = pack_result(result)
-                pipe.set(self._keys.result(request_id), payload, ex=self._result_ttl_s)
-                if reply_to:
-                    pipe.lpush(reply_to, payload)
             pipe.xack(lane.queue, CONSUMER_GROUP, entry_id)
             pipe.xdel(lane.queue, entry_id)
             await pipe.execute()

@@ -110,7 +110,7 @@ class WorkerService:
     ) -> None:
         self.settings = settings
         self.redis = redis
-        self.keys = Keys(settings.redis.prefix)
+        self.keys = Keys.of(settings.redis)
         self.executor = executor
         self.name = name
         self.device_info = device_info

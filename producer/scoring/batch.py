@@ -215,7 +215,7 @@ def submit_batch(
         created_ms=int(time.time() * 1000),
     )
     (output_dir / "batch.json").write_text(record.to_json() + "\n")
-    keys = Keys(settings.redis.prefix)
+    keys = Keys.of(settings.redis)
     job_ids = [record.job_id(i) for i in range(record.shards)]
     with connection.pipeline(transaction=True) as pipe:
         pipe.set(keys.batch(record.batch_id), record.to_json(), ex=ttl_s)
@@ -319,7 +319,7 @@ def wait_batch(
 
 def _served_spec(connection: redis.Redis, settings: Settings, model: str) -> ModelSpec:
     """The signature workers publish; the configured one if no worker is up yet."""
-    raw: Any = connection.hget(Keys(settings.redis.prefix).models, model)
+    raw: Any = connection.hget(Keys.of(settings.redis).models, model)
     if raw is not None:
         return ModelSpec.from_json(raw)
     for config in settings.models:

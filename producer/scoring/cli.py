@@ -222,6 +222,12 @@ def _connect(settings: Settings) -> Iterator[Any]:
         raise ConfigError(
             "tensorq batch needs a shared Redis: --redis URL, TQ_REDIS_URL or [redis] url"
         )
+    if settings.redis.is_cluster:
+        raise ConfigError(
+            "tensorq batch runs its shards as RQ jobs, and RQ needs a single Redis node "
+            "(it is not cluster-aware): give batch a non-cluster --redis URL; "
+            "tensorq score works on a cluster"
+        )
     client = redis.Redis.from_url(
         url,
         socket_timeout=settings.redis.socket_timeout_s,
