@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
@@ -48,33 +49,60 @@ def mask_url(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{hosts}{slash}{tail}"
 
 
-def cluster_client(settings: RedisSettings, *, socket_timeout: float) -> aioredis.Redis:
-    """A RedisCluster from ``redis+cluster://[user:password@]h1:p1,h2:p2``
-    (``rediss+cluster`` for TLS) or, with ``cluster = true``, a plain URL
-    naming one node. Connections are per node; redis-py's cluster pool cannot
-    wait for a free one, so ``max_connections`` bounds each node's pool."""
+def cluster_nodes(settings: RedisSettings) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """The startup nodes and credentials of ``redis+cluster://[user:password@]h1:p1,h2:p2``
+    (``rediss+cluster`` for TLS) or, with ``cluster = true``, of a plain URL naming one node."""
     scheme, _, rest = settings.url.partition("://")
-    netloc = rest.partition("/")[0]
-    userinfo, _, hosts = netloc.rpartition("@")
+    userinfo, _, hosts = rest.partition("/")[0].rpartition("@")
     username, _, password = userinfo.partition(":")
     nodes = []
     for host_port in hosts.split(","):
         parts = urlsplit(f"//{host_port.strip()}")
-        nodes.append(ClusterNode(parts.hostname or "localhost", parts.port or 6379))
-    options: dict[str, Any] = {}
+        nodes.append((parts.hostname or "localhost", parts.port or 6379))
+    options: dict[str, Any] = {
+        "username": unquote(username) or None,
+        "password": unquote(password) or None,
+        "socket_connect_timeout": settings.connect_timeout_s,
+    }
     if scheme.startswith("rediss"):
         options["ssl"] = True
+    return nodes, options
+
+
+def cluster_client(settings: RedisSettings, *, socket_timeout: float) -> aioredis.Redis:
+    """A RedisCluster (see ``cluster_nodes``). Connections are per node;
+    redis-py's cluster pool cannot wait for a free one, so ``max_connections``
+    bounds each node's pool and a burst past it raises."""
+    nodes, options = cluster_nodes(settings)
     cluster = RedisCluster(
-        startup_nodes=nodes,
-        username=unquote(username) or None,
-        password=unquote(password) or None,
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
         max_connections=settings.max_connections,
         socket_timeout=socket_timeout,
-        socket_connect_timeout=settings.connect_timeout_s,
         retry=_retry(),
         **options,
     )
     return cast(aioredis.Redis, cluster)
+
+
+def sync_client(settings: RedisSettings) -> redis.Redis:
+    """A blocking client, for the few synchronous callers (the local stack,
+    test fixtures): a ``redis.cluster.RedisCluster`` on Cluster."""
+    if not settings.is_cluster:
+        return redis.Redis.from_url(
+            settings.url,
+            socket_timeout=settings.socket_timeout_s,
+            socket_connect_timeout=settings.connect_timeout_s,
+        )
+    from redis.cluster import ClusterNode as SyncClusterNode
+    from redis.cluster import RedisCluster as SyncRedisCluster
+
+    nodes, options = cluster_nodes(settings)
+    cluster = SyncRedisCluster(
+        startup_nodes=[SyncClusterNode(host, port) for host, port in nodes],  # type: ignore[no-untyped-call]
+        socket_timeout=settings.socket_timeout_s,
+        **options,
+    )
+    return cast(redis.Redis, cluster)
 
 
 def _retry() -> Retry:

@@ -37,6 +37,9 @@ class RedisSettings:
     result_ttl_s: int = 3600
     cluster: bool = False  # also implied by a redis+cluster:// URL
 
+    def with_url(self, url: str) -> RedisSettings:
+        return dataclasses.replace(self, url=url)
+
     @property
     def is_cluster(self) -> bool:
         """Redis Cluster: every component uses ``redis.asyncio.RedisCluster``."""

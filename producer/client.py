@@ -99,7 +99,7 @@ class AsyncClient:
         if settings is None:
             settings = Settings(redis=RedisSettings(url=redis_url or ""))
         elif redis_url:
-            settings = settings.replace(redis=_with_url(settings.redis, redis_url))
+            settings = settings.replace(redis=settings.redis.with_url(redis_url))
         if not settings.redis.url:
             raise TensorQError("AsyncClient needs a Redis URL")
         self.settings = settings
@@ -454,12 +454,6 @@ def outputs_of(result: Result) -> dict[str, np.ndarray[Any, Any]]:
         code=result.error_code or result.status,
         request_id=result.id,
     )
-
-
-def _with_url(redis_settings: RedisSettings, url: str) -> RedisSettings:
-    import dataclasses
-
-    return dataclasses.replace(redis_settings, url=url)
 
 
 class Client:

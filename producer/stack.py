@@ -17,11 +17,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
-import redis
-
 from common.embedded_redis import redis_url_or_embedded
 from common.errors import ConfigError
 from common.keys import Keys
+from common.redis_conn import sync_client
 from common.settings import Settings
 
 
@@ -70,7 +69,7 @@ class RunningStack:
     settings: Settings
 
     def live_workers(self) -> list[dict[str, object]]:
-        client = redis.Redis.from_url(self.redis_url)
+        client = sync_client(self.settings.redis)
         try:
             raw = client.hgetall(Keys.of(self.settings.redis).workers)
         finally:
@@ -111,7 +110,7 @@ def local_stack(
         pool = subprocess.Popen(
             tensorq_command(*args, *pool_args), env={**os.environ, **(extra_env or {})}
         )
-        running = RunningStack(url, pool, settings)
+        running = RunningStack(url, pool, settings.replace(redis=settings.redis.with_url(url)))
         try:
             running.wait_ready(expected_workers(devices))
             yield running

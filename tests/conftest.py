@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from common import redis_conn
 from common.embedded_redis import EmbeddedRedis
+from common.settings import RedisSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,15 +67,10 @@ def http_ready(url: str) -> bool:
         return False
 
 
-def sync_client(url: str, **options: object) -> redis.Redis:
-    """A blocking client for a test's Redis URL, a RedisCluster for
-    ``redis+cluster://h1:p1,h2:p2`` (typed as Redis: same command API)."""
-    if url.startswith("redis+cluster://"):
-        from redis.cluster import ClusterNode, RedisCluster
-
-        nodes = [ClusterNode(*hp.split(":")) for hp in url.split("://")[1].split(",")]
-        return RedisCluster(startup_nodes=nodes, **options)  # type: ignore[return-value]
-    return redis.Redis.from_url(url, **options)  # type: ignore[arg-type]
+def sync_client(url: str) -> redis.Redis:
+    """A blocking client for a test's Redis URL (a RedisCluster for
+    ``redis+cluster://``), made the way tensorq makes its own."""
+    return redis_conn.sync_client(RedisSettings(url=url, socket_timeout_s=60))
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import pytest
 import torch
 from redis.cluster import key_slot
 
+from common.errors import RedisUnavailable
 from common.keys import Keys
 from common.redis_conn import mask_url
 from common.settings import RedisSettings, load_settings
@@ -90,6 +91,15 @@ def test_cluster_url_from_env_and_masked() -> None:
     masked = mask_url(url)
     assert "s3cret" not in masked
     assert masked == "redis+cluster://app:***@10.0.0.1:7000,10.0.0.2:7000"
+
+
+async def test_unreachable_cluster_is_a_clear_error_without_the_password() -> None:
+    url = "redis+cluster://app:s3cret@127.0.0.1:1,127.0.0.1:2"
+    with pytest.raises(RedisUnavailable) as caught:
+        await collect_status(load_settings(env={}, overrides={"redis.url": url}))
+    message = str(caught.value)
+    assert "redis+cluster://app:***@127.0.0.1:1,127.0.0.1:2" in message
+    assert "s3cret" not in message
 
 
 @pytest.fixture(scope="module")
