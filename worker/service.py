@@ -180,7 +180,7 @@ class WorkerService:
         backoff = Backoff()
         try:
             while not self._stopping.is_set():
-                if lane.rows >= lane.max_rows:  # read ahead at most one batch
+                if lane.rows >= 2 * lane.max_rows:  # read ahead at most two batches
                     lane.changed.clear()
                     await self._wait_either(lane.changed)
                     continue
