@@ -33,6 +33,7 @@ from common.keys import REQUEST_FIELD
 from common.runtime_env import MALLOC_ENV
 from common.settings import Settings
 from producer.client import AsyncClient, Submission
+from producer.cpu_account import cpu_by_role, per_request_us
 from producer.loadgen import random_inputs, run_load
 from producer.stack import ensure_example_models, expected_workers, local_stack
 
@@ -112,7 +113,9 @@ async def _measure(url: str, settings: Settings, args: argparse.Namespace) -> di
         payloads = [random_inputs(spec.inputs, args.rows, rng) for _ in range(args.requests)]
         # warm-up: let every worker see traffic before the clock starts
         await _open_loop(client, args.model, payloads[: min(2000, len(payloads))])
+        cpu_before = cpu_by_role()
         throughput, mean_batch = await _open_loop(client, args.model, payloads)
+        cpu = per_request_us(cpu_before, cpu_by_role(), len(payloads) * args.rows)
         closed = await run_load(
             client,
             args.model,
@@ -138,6 +141,7 @@ async def _measure(url: str, settings: Settings, args: argparse.Namespace) -> di
         "idle_overhead_p50_ms": float(np.percentile(idle, 50)),
         "idle_overhead_p99_ms": float(np.percentile(idle, 99)),
         "payload_bytes": len(pack_request(request)),
+        "cpu_us_per_item": cpu,
         "spec_json": spec.to_json(),
     }
 
@@ -221,7 +225,10 @@ def _report(f: dict[str, Any]) -> None:
         f"  (a) model in-process, batch {f['inprocess_batch']:<4} "
         f"{f['inprocess_items_per_s']:>10,.0f} items/s   tensorq/in-process = {ratio_a:.2f}\n"
         f"  (b) bare Redis round trip        {f['bare_items_per_s']:>10,.0f} items/s"
-        f"   tensorq/bare = {ratio_b:.2f}   ({f['payload_bytes']} B payloads)",
+        f"   tensorq/bare = {ratio_b:.2f}   ({f['payload_bytes']} B payloads)\n"
+        f"  CPU per item (open loop): "
+        + ", ".join(f"{role} {us:,.0f}" for role, us in f["cpu_us_per_item"].items() if us >= 1)
+        + " us",
         flush=True,
     )
     f["ratio_inprocess"] = ratio_a

@@ -29,6 +29,7 @@ import numpy as np
 
 from common.runtime_env import MALLOC_ENV
 from common.settings import Settings
+from producer.cpu_account import cpu_by_role, per_request_us
 from producer.stack import ensure_example_models, expected_workers, local_stack, tensorq_command
 
 WARMUP = 2000
@@ -42,6 +43,13 @@ class HttpFigures:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us: dict[str, float]  # CPU microseconds per request, by process role
+
+    @property
+    def cpu_line(self) -> str:
+        parts = [f"{role} {us:,.0f}" for role, us in sorted(self.cpu_us.items()) if us >= 1]
+        total = sum(self.cpu_us.values())
+        return f"CPU per request: {', '.join(parts)}; total {total:,.0f} us"
 
     @property
     def per_s(self) -> float:
@@ -91,7 +99,9 @@ def run_http_bench(args: argparse.Namespace, settings: Settings) -> int:
         f"   p99 {gateway.p99_ms:.2f} ms   errors {gateway.errors}\n"
         f"  HTTP floor (fixed answer) {floor.per_s:>8,.0f} req/s   p50 {floor.p50_ms:.2f} ms"
         f"   p99 {floor.p99_ms:.2f} ms\n"
-        f"  gateway/floor = {ratio:.2f}   (target >= 0.6)",
+        f"  gateway/floor = {ratio:.2f}   (target >= 0.6)\n"
+        f"  gateway run: {gateway.cpu_line}\n"
+        f"  floor run:   {floor.cpu_line}",
         flush=True,
     )
     if args.json:
@@ -104,6 +114,8 @@ def run_http_bench(args: argparse.Namespace, settings: Settings) -> int:
             "floor_p50_ms": floor.p50_ms,
             "floor_p99_ms": floor.p99_ms,
             "ratio": ratio,
+            "gateway_cpu_us_per_request": gateway.cpu_us,
+            "floor_cpu_us_per_request": floor.cpu_us,
         }
         print(json.dumps(figures, indent=2))
     return 1 if gateway.errors else 0
@@ -166,15 +178,18 @@ async def _drive(url: str, bodies: list[bytes], requests: int, concurrency: int)
 
         await run(min(WARMUP, requests), [])
         latencies: list[float] = []
+        cpu_before = cpu_by_role()
         started = time.perf_counter()
         errors = await run(requests, latencies)
         seconds = time.perf_counter() - started
+        cpu = per_request_us(cpu_before, cpu_by_role(), requests)
     return HttpFigures(
         requests=requests,
         seconds=seconds,
         p50_ms=float(np.percentile(latencies, 50)),
         p99_ms=float(np.percentile(latencies, 99)),
         errors=errors,
+        cpu_us=cpu,
     )
 
 
