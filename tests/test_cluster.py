@@ -243,3 +243,20 @@ async def test_gateway_on_a_cluster(
                 assert reply.status == 404
     finally:
         await running.stop()
+
+
+def test_batch_jobs_refuse_a_cluster_with_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    np.save(tmp_path / "x.npy", np.ones((10, 256), np.float32))
+    done = subprocess.run(
+        [sys.executable, "-m", "common.cli", "batch", "submit",
+         "--redis", "redis+cluster://127.0.0.1:1,127.0.0.1:2", "--model", "mlp",
+         "--input", str(tmp_path / "x.npy"), "--output-dir", str(tmp_path / "out"),
+         "--shard-rows", "5"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "RQ needs a single Redis node" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
