@@ -133,6 +133,7 @@ class WorkerService:
         self.committer = Committer(redis, self.keys, settings.redis.result_ttl_s)
         self.metrics = worker_metrics()
         self._stopping = asyncio.Event()
+        self._finishing = asyncio.Event()  # drained: the side loops end
         self._work = asyncio.Event()
         self._writes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=4)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
@@ -140,8 +141,30 @@ class WorkerService:
     def request_stop(self) -> None:
         if not self._stopping.is_set():
             log.info("worker %s: stop requested, draining", self.name)
+            grace = self.settings.worker.drain_grace_s
+            asyncio.get_running_loop().call_later(grace / 2, self._report_slow_drain, grace / 2)
         self._stopping.set()
         self._work.set()
+
+    def _report_slow_drain(self, after_s: float) -> None:
+        """Name what a drain is still waiting for, before the pool's grace
+        runs out and it kills the worker."""
+        waiting = []
+        for task in asyncio.all_tasks():
+            where = []
+            awaited: Any = task.get_coro()
+            while awaited is not None and hasattr(awaited, "cr_frame"):
+                if awaited.cr_frame is not None:
+                    where.append(f"{awaited.__qualname__}:{awaited.cr_frame.f_lineno}")
+                awaited = awaited.cr_await
+            if awaited is not None:
+                where.append(type(awaited).__name__)
+            state = f" (cancelling x{task.cancelling()})" if task.cancelling() else ""
+            waiting.append(f"  {task.get_name()}{state}: {' > '.join(where)}")
+        log.error(
+            "worker %s still draining after %.0fs; waiting in:\n%s",
+            self.name, after_s, "\n".join(sorted(waiting)),
+        )  # fmt: skip
 
     async def run(self) -> None:
         await self._publish_models()
@@ -164,9 +187,18 @@ class WorkerService:
             await self._writes.put(None)
             await writer
             await asyncio.gather(*readers, return_exceptions=True)
-            for task in side:
+            # Side loops end by flag, not by cancel: in Python 3.11 a cancel
+            # that lands as redis-py's internal wait_for completes is lost, and
+            # a loop that lost it kept its worker from ever exiting.
+            self._finishing.set()
+            self._reloads.put_nowait("")
+            done, stuck = await asyncio.wait(side, timeout=self.settings.redis.socket_timeout_s + 1)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning("%s ended with %r", task.get_name(), task.exception())
+            for task in stuck:
+                log.warning("%s did not stop; cancelling it", task.get_name())
                 task.cancel()
-            await asyncio.gather(*side, return_exceptions=True)
             await self._heartbeat(alive=False)
             self._compute.shutdown(wait=True)
             self._loader.shutdown(wait=True)
@@ -182,7 +214,7 @@ class WorkerService:
             while not self._stopping.is_set():
                 if lane.rows >= 2 * lane.max_rows:  # read ahead at most two batches
                     lane.changed.clear()
-                    await self._wait_either(lane.changed)
+                    await self._wait_any(lane.changed, self._stopping)
                     continue
                 try:
                     if lane.recovering:  # our own pending entries come first
@@ -510,14 +542,16 @@ class WorkerService:
             log.warning("heartbeat failed: %s", exc)
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._finishing.is_set():
             await self._heartbeat()
-            await asyncio.sleep(self.settings.worker.heartbeat_s)
+            await self._wait_any(self._finishing, timeout=self.settings.worker.heartbeat_s)
 
     async def _reclaim_loop(self) -> None:
         idle_ms = self.settings.worker.claim_idle_ms
-        while True:
-            await asyncio.sleep(idle_ms / 2000)
+        while not self._finishing.is_set():
+            await self._wait_any(self._finishing, timeout=idle_ms / 2000)
+            if self._finishing.is_set():
+                return
             for lane in self.lanes:
                 try:
                     await self.recovery.reclaim(lane, idle_ms)
@@ -525,8 +559,10 @@ class WorkerService:
                     log.warning("reclaim on %s failed: %s", lane.queue, exc)
 
     async def _lease_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.worker.claim_idle_ms / 3000)
+        while not self._finishing.is_set():
+            await self._wait_any(self._finishing, timeout=self.settings.worker.claim_idle_ms / 3000)
+            if self._finishing.is_set():
+                return
             try:
                 await self.recovery.renew_leases(self.lanes)
             except RedisError as exc:
@@ -547,6 +583,8 @@ class WorkerService:
         device = str(self.executor.device)
         while True:
             name = await self._reloads.get()
+            if not name:  # the worker is finishing
+                return
             lanes = [lane for lane in self.lanes if lane.model.name == name]
             old = lanes[0].model
             try:
@@ -580,20 +618,19 @@ class WorkerService:
             return (stat.st_mtime, stat.st_size)
 
         seen = {lane.model.name: stamp(lane.model.config.path) for lane in self.lanes}
-        while True:
-            await asyncio.sleep(1.0)
+        while not self._finishing.is_set():
+            await self._wait_any(self._finishing, timeout=1.0)
             for lane in self.lanes:
                 now = stamp(lane.model.config.path)
                 if now != seen[lane.model.name] and now != (0.0, 0):
                     seen[lane.model.name] = now
                     self._reloads.put_nowait(lane.model.name)
 
-    async def _wait_either(self, event: asyncio.Event) -> None:
-        """Wait for ``event`` or the stop flag, whichever comes first."""
-        waiters = [
-            asyncio.ensure_future(event.wait()),
-            asyncio.ensure_future(self._stopping.wait()),
-        ]
-        _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    async def _wait_any(self, *events: asyncio.Event, timeout: float | None = None) -> None:
+        """Wait until one of ``events`` is set, or ``timeout`` seconds pass."""
+        waiters = [asyncio.ensure_future(event.wait()) for event in events]
+        _, pending = await asyncio.wait(
+            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         for task in pending:
             task.cancel()
