@@ -82,8 +82,9 @@ async def test_reload_under_load(
             "every worker on the new version",
         )
         switched = True
-        count = len(sent)
-        await async_wait_until(lambda: len(sent) > count + 300, 60, "traffic after the reload")
+        await async_wait_until(
+            lambda: sum(after for _, _, after in sent) > 300, 60, "traffic after the reload"
+        )
         stop.set()
         await traffic
         results = [await client.wait(rid, timeout=60) for rid, _, _ in sent]

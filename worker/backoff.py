@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
+
+from common.aio import wait_any
 
 log = logging.getLogger(__name__)
 
@@ -25,5 +26,4 @@ class Backoff:
         if stop is None:
             await asyncio.sleep(delay)
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
+        await wait_any(stop, timeout=delay)

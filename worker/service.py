@@ -32,6 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from common.aio import wait_any
 from common.envelope import Result, pack_result, peek_id_and_reply_to, unpack_request
 from common.errors import InvalidInput, ProtocolError
 from common.keys import CONSUMER_GROUP, HIGH, NORMAL, REQUEST_FIELD, Keys
@@ -187,9 +188,7 @@ class WorkerService:
             await self._writes.put(None)
             await writer
             await asyncio.gather(*readers, return_exceptions=True)
-            # Side loops end by flag, not by cancel: in Python 3.11 a cancel
-            # that lands as redis-py's internal wait_for completes is lost, and
-            # a loop that lost it kept its worker from ever exiting.
+            # Side loops end by flag (common/aio.py says why).
             self._finishing.set()
             self._reloads.put_nowait("")
             done, stuck = await asyncio.wait(side, timeout=self.settings.redis.socket_timeout_s + 1)
@@ -214,7 +213,7 @@ class WorkerService:
             while not self._stopping.is_set():
                 if lane.rows >= 2 * lane.max_rows:  # read ahead at most two batches
                     lane.changed.clear()
-                    await self._wait_any(lane.changed, self._stopping)
+                    await wait_any(lane.changed, self._stopping)
                     continue
                 try:
                     if lane.recovering:  # our own pending entries come first
@@ -544,12 +543,12 @@ class WorkerService:
     async def _heartbeat_loop(self) -> None:
         while not self._finishing.is_set():
             await self._heartbeat()
-            await self._wait_any(self._finishing, timeout=self.settings.worker.heartbeat_s)
+            await wait_any(self._finishing, timeout=self.settings.worker.heartbeat_s)
 
     async def _reclaim_loop(self) -> None:
         idle_ms = self.settings.worker.claim_idle_ms
         while not self._finishing.is_set():
-            await self._wait_any(self._finishing, timeout=idle_ms / 2000)
+            await wait_any(self._finishing, timeout=idle_ms / 2000)
             if self._finishing.is_set():
                 return
             for lane in self.lanes:
@@ -560,7 +559,7 @@ class WorkerService:
 
     async def _lease_loop(self) -> None:
         while not self._finishing.is_set():
-            await self._wait_any(self._finishing, timeout=self.settings.worker.claim_idle_ms / 3000)
+            await wait_any(self._finishing, timeout=self.settings.worker.claim_idle_ms / 3000)
             if self._finishing.is_set():
                 return
             try:
@@ -619,18 +618,9 @@ class WorkerService:
 
         seen = {lane.model.name: stamp(lane.model.config.path) for lane in self.lanes}
         while not self._finishing.is_set():
-            await self._wait_any(self._finishing, timeout=1.0)
+            await wait_any(self._finishing, timeout=1.0)
             for lane in self.lanes:
                 now = stamp(lane.model.config.path)
                 if now != seen[lane.model.name] and now != (0.0, 0):
                     seen[lane.model.name] = now
                     self._reloads.put_nowait(lane.model.name)
-
-    async def _wait_any(self, *events: asyncio.Event, timeout: float | None = None) -> None:
-        """Wait until one of ``events`` is set, or ``timeout`` seconds pass."""
-        waiters = [asyncio.ensure_future(event.wait()) for event in events]
-        _, pending = await asyncio.wait(
-            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        for task in pending:
-            task.cancel()

@@ -10,12 +10,12 @@ Middlewares, outermost first: metrics (sees every final status), errors
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from common.aio import wait_any
 from common.errors import TensorQError
 from common.redis_conn import pooled_client
 from common.settings import Settings
@@ -75,9 +75,13 @@ async def _refresh_specs(app: web.Application) -> AsyncIterator[None]:
     its workers is seen without a restart."""
     gw = app[GATEWAY]
 
+    stop = asyncio.Event()
+
     async def refresh() -> None:
-        while True:
-            await asyncio.sleep(gw.settings.gateway.spec_refresh_s)
+        while not stop.is_set():
+            await wait_any(stop, timeout=gw.settings.gateway.spec_refresh_s)
+            if stop.is_set():
+                return
             try:
                 await gw.client.models(refresh=True)
             except TensorQError as exc:
@@ -85,9 +89,8 @@ async def _refresh_specs(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(refresh(), name="spec-refresh")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    stop.set()  # by flag, not cancel (common/aio.py)
+    await task
 
 
 async def _answer_long_polls(app: web.Application) -> None:
