@@ -15,7 +15,6 @@ with M concurrent producers; idle overhead with one request at a time.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
+import uvloop
 
 from common.envelope import Request, pack_request
 from common.keys import REQUEST_FIELD
@@ -91,8 +91,8 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
         # small box it yields the CPU to the system under test (workers, Redis
         # and the references keep normal priority).
         os.nice(args.producer_nice)
-        figures = asyncio.run(_measure(stack.redis_url, settings, args))
-        figures["bare_items_per_s"] = asyncio.run(
+        figures = uvloop.run(_measure(stack.redis_url, settings, args))
+        figures["bare_items_per_s"] = uvloop.run(
             _bare_transport(stack.redis_url, figures["payload_bytes"], args.requests)
         )
     batch = max(1, round(figures["mean_batch_rows"]))

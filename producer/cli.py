@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 from typing import Any
 
 import numpy as np
+import uvloop
 
 from common.cli import add_common_flags
 from common.settings import Settings
@@ -60,7 +60,7 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     with local_stack(settings, devices=args.devices) as stack:
         print(f"pool ready in {time.perf_counter() - started:.1f}s: "
               f"{len(stack.live_workers())} worker(s)", flush=True)  # fmt: skip
-        return asyncio.run(_demo_traffic(settings, stack.redis_url, args))
+        return uvloop.run(_demo_traffic(settings, stack.redis_url, args))
 
 
 async def _demo_traffic(settings: Settings, url: str, args: argparse.Namespace) -> int:
@@ -91,6 +91,6 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.redis.url:
         print("tensorq status needs a Redis URL (--redis or TQ_REDIS_URL)")
         return 2
-    report = asyncio.run(collect_status(settings))
+    report = uvloop.run(collect_status(settings))
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0

@@ -458,10 +458,12 @@ def outputs_of(result: Result) -> dict[str, np.ndarray[Any, Any]]:
 
 class Client:
     """The blocking twin of AsyncClient, for scripts: the same calls, run on a
-    private event loop in a background thread."""
+    private uvloop event loop in a background thread."""
 
     def __init__(self, redis_url: str | None = None, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
+        import uvloop
+
+        self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
         self._async = AsyncClient(redis_url, **kwargs)

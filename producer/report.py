@@ -5,13 +5,13 @@ and p50/p99 latency against offered load (matplotlib, headless)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import uvloop
 
 from common.runtime_env import MALLOC_ENV
 from common.settings import Settings
@@ -37,7 +37,7 @@ def run_report(args: argparse.Namespace, settings: Settings) -> int:
             "TQ_WORKER_BATCH_POLICY": policy,
         }
         with local_stack(settings, devices=args.devices, extra_env=env) as stack:
-            rows += asyncio.run(_sweep(stack.redis_url, settings, args, policy, rates))
+            rows += uvloop.run(_sweep(stack.redis_url, settings, args, policy, rates))
     csv_path = directory / "bench.csv"
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
