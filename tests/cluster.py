@@ -10,9 +10,11 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+from redis.cluster import key_slot
 
 from common.embedded_redis import EmbeddedRedis
 from tests.conftest import wait_until
@@ -50,13 +52,45 @@ def cluster_ok(port: int, nodes: int) -> bool:
     )
 
 
+def replica_synced(port: int) -> bool:
+    """True for a master, or a replica whose link to its master is up
+    (a replica that never synced does not take over when its master dies)."""
+    client = redis.Redis(port=port, socket_timeout=5)
+    try:
+        info = client.info("replication")
+    finally:
+        client.close()
+    return bool(info["role"] == "master" or info.get("master_link_status") == "up")
+
+
+@dataclass
+class LocalCluster:
+    url: str  # redis+cluster:// naming every node
+    nodes: dict[int, EmbeddedRedis]  # port -> its server
+
+    def master_of(self, key: str) -> int:
+        """The port of the master serving ``key``'s slot now."""
+        slot = key_slot(key.encode())
+        client = redis.Redis(port=next(iter(self.nodes)), socket_timeout=5)
+        try:
+            for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return int(master[1])
+        finally:
+            client.close()
+        raise AssertionError(f"no master serves slot {slot}")
+
+
 @contextmanager
-def local_cluster(directory: Path, masters: int = 3) -> Iterator[str]:
-    """Yield a ``redis+cluster://`` URL naming every master."""
+def local_cluster(directory: Path, masters: int = 3, replicas: int = 0) -> Iterator[LocalCluster]:
+    """Start ``masters`` masters with ``replicas`` replicas each (a short
+    cluster-node-timeout, so a failover takes seconds)."""
     redis_cli = shutil.which("redis-cli")
     if redis_cli is None:
         raise RuntimeError("redis-cli is missing (it ships with the Debian package redis-server)")
-    ports = cluster_ports(masters)
+    count = masters * (1 + replicas)
+    ports = cluster_ports(count)
+    nodes: dict[int, EmbeddedRedis] = {}
     with ExitStack() as stack:
         for port in ports:
             node_dir = directory / f"node-{port}"
@@ -64,15 +98,18 @@ def local_cluster(directory: Path, masters: int = 3) -> Iterator[str]:
             node = EmbeddedRedis(
                 port=port,
                 directory=node_dir,
-                extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
-            )
+                extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                            "--cluster-node-timeout", "2000"),
+            )  # fmt: skip
             node.start()
             stack.callback(node.stop)
+            nodes[port] = node
         subprocess.run(
             [redis_cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         for port in ports:
-            wait_until(lambda p=port: cluster_ok(p, masters), 60, f"cluster node {port} to agree")
-        yield "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
+            wait_until(lambda p=port: cluster_ok(p, count), 60, f"cluster node {port} to agree")
+            wait_until(lambda p=port: replica_synced(p), 60, f"replica {port} to sync")
+        yield LocalCluster("redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports), nodes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 from redis.cluster import key_slot
 
-from common.errors import RedisUnavailable
+from common.errors import RedisUnavailable, RequestTimeout
 from common.keys import Keys
 from common.redis_conn import mask_url
 from common.settings import RedisSettings, load_settings
@@ -104,8 +105,8 @@ async def test_unreachable_cluster_is_a_clear_error_without_the_password() -> No
 
 @pytest.fixture(scope="module")
 def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with local_cluster(tmp_path_factory.mktemp("cluster")) as url:
-        yield url
+    with local_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster.url
 
 
 def host_config(directory: Path, models_dir: Path, *, batch: int, worker: str) -> Path:
@@ -260,3 +261,49 @@ def test_batch_jobs_refuse_a_cluster_with_a_clear_error(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "RQ needs a single Redis node" in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
+
+
+async def test_failover_of_the_queue_master(
+    tmp_path: Path, models_dir: Path, start_pool: Callable[..., PoolHandle]
+) -> None:
+    """Kill the master holding mlp's stream mid-run; its replica takes over.
+    Replication is asynchronous, so a request can be lost with its master:
+    then its wait ends with RequestTimeout. Every other request gets its
+    result, the worker survives, and the cluster serves new requests."""
+    with local_cluster(tmp_path / "ha", replicas=1) as cluster:
+        config = host_config(tmp_path / "w", models_dir, batch=64, worker="")
+        pool = start_pool(config, cluster.url, devices="cpu", workers=1)
+        keys = Keys.of(RedisSettings(url=cluster.url))
+        victim = cluster.master_of(keys.queue("mlp"))
+        x = np.ones((1, 256), np.float32)
+        outcomes: Counter[str] = Counter()
+        async with AsyncClient(cluster.url) as client:
+            ids: list[str] = []
+            for chunk in range(12):
+                if chunk == 4:
+                    cluster.nodes[victim].process.kill()  # type: ignore[union-attr]
+                while True:  # during the failover a submit fails at once: try again
+                    try:
+                        ids += await client.submit_many(
+                            [Submission("mlp", {"x": x}) for _ in range(250)]
+                        )
+                        break
+                    except RedisUnavailable:
+                        outcomes["submit retried"] += 1
+                        await asyncio.sleep(0.2)  # pacing retries, not synchronisation
+
+            async def outcome(request_id: str) -> str:
+                try:
+                    return (await client.wait(request_id, timeout=30)).status
+                except RequestTimeout:
+                    return "timeout"
+
+            outcomes.update(await asyncio.gather(*(outcome(i) for i in ids)))
+            after = await client.infer("mlp", {"x": x}, timeout=60)
+        print(f"failover: {dict(outcomes)}")
+        assert outcomes["ok"] + outcomes["timeout"] == len(ids)
+        assert outcomes["ok"] >= len(ids) * 0.5
+        assert cluster.master_of(keys.queue("mlp")) != victim  # the replica took over
+        assert after["y"].shape == (1, 10)
+        assert pool.process.poll() is None
+        pool.stop()
