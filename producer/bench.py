@@ -33,7 +33,7 @@ from common.keys import REQUEST_FIELD
 from common.runtime_env import MALLOC_ENV
 from common.settings import Settings
 from producer.client import AsyncClient, Submission
-from producer.cpu_account import cpu_by_role, per_request_us
+from producer.cpu_account import cpu_by_role, format_cpu, per_request_us
 from producer.loadgen import random_inputs, run_load
 from producer.stack import ensure_example_models, expected_workers, local_stack
 
@@ -226,9 +226,7 @@ def _report(f: dict[str, Any]) -> None:
         f"{f['inprocess_items_per_s']:>10,.0f} items/s   tensorq/in-process = {ratio_a:.2f}\n"
         f"  (b) bare Redis round trip        {f['bare_items_per_s']:>10,.0f} items/s"
         f"   tensorq/bare = {ratio_b:.2f}   ({f['payload_bytes']} B payloads)\n"
-        f"  CPU per item (open loop): "
-        + ", ".join(f"{role} {us:,.0f}" for role, us in f["cpu_us_per_item"].items() if us >= 1)
-        + " us",
+        f"  CPU per item (open loop): {format_cpu(f['cpu_us_per_item'])}",
         flush=True,
     )
     f["ratio_inprocess"] = ratio_a

@@ -29,7 +29,7 @@ import numpy as np
 
 from common.runtime_env import MALLOC_ENV
 from common.settings import Settings
-from producer.cpu_account import cpu_by_role, per_request_us
+from producer.cpu_account import cpu_by_role, format_cpu, per_request_us
 from producer.stack import ensure_example_models, expected_workers, local_stack, tensorq_command
 
 WARMUP = 2000
@@ -44,12 +44,6 @@ class HttpFigures:
     p99_ms: float
     errors: int
     cpu_us: dict[str, float]  # CPU microseconds per request, by process role
-
-    @property
-    def cpu_line(self) -> str:
-        parts = [f"{role} {us:,.0f}" for role, us in sorted(self.cpu_us.items()) if us >= 1]
-        total = sum(self.cpu_us.values())
-        return f"CPU per request: {', '.join(parts)}; total {total:,.0f} us"
 
     @property
     def per_s(self) -> float:
@@ -100,8 +94,8 @@ def run_http_bench(args: argparse.Namespace, settings: Settings) -> int:
         f"  HTTP floor (fixed answer) {floor.per_s:>8,.0f} req/s   p50 {floor.p50_ms:.2f} ms"
         f"   p99 {floor.p99_ms:.2f} ms\n"
         f"  gateway/floor = {ratio:.2f}   (target >= 0.6)\n"
-        f"  gateway run: {gateway.cpu_line}\n"
-        f"  floor run:   {floor.cpu_line}",
+        f"  gateway run: CPU per request: {format_cpu(gateway.cpu_us)}\n"
+        f"  floor run:   CPU per request: {format_cpu(floor.cpu_us)}",
         flush=True,
     )
     if args.json:

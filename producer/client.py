@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
+import uvloop
 from redis.exceptions import NoScriptError, RedisError
 
 from common.codec import as_wire_array, bf16_bits_to_float32
@@ -350,15 +351,11 @@ class AsyncClient:
 
     async def cancel(self, request_id: str) -> None:
         """Ask workers to skip a request they have not started (result ``cancelled``)."""
+        # The marker first (what a worker checks for entries it read before it
+        # subscribed), then the news; two calls, as cluster pipelines refuse PUBLISH.
         ttl = self.settings.redis.result_ttl_s
-        if self.keys.cluster:  # cluster pipelines refuse PUBLISH: marker first, then the news
-            await self._call(self.redis.set(self.keys.cancelled(request_id), b"1", ex=ttl))
-            await self._call(self.redis.publish(self.keys.cancel_channel, request_id))
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.cancelled(request_id), b"1", ex=ttl)
-            pipe.publish(self.keys.cancel_channel, request_id)
-            await self._call(pipe.execute())
+        await self._call(self.redis.set(self.keys.cancelled(request_id), b"1", ex=ttl))
+        await self._call(self.redis.publish(self.keys.cancel_channel, request_id))
 
     async def _fetch(self, request_id: str, timeout: float | None) -> Result:
         """A request this client did not submit: read tq:r:<id>, polling with
@@ -461,8 +458,6 @@ class Client:
     private uvloop event loop in a background thread."""
 
     def __init__(self, redis_url: str | None = None, **kwargs: Any) -> None:
-        import uvloop
-
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()

@@ -68,3 +68,9 @@ def per_request_us(
     """Microseconds of CPU per request by role, between two ``cpu_by_role`` snapshots."""
     spent = {role: after[role] - before.get(role, 0.0) for role in after}
     return {role: s * 1e6 / requests for role, s in sorted(spent.items()) if s > 0}
+
+
+def format_cpu(cpu_us: Mapping[str, float]) -> str:
+    """``client 41, redis 16, workers 51; total 108 us`` (roles under 1 us left out)."""
+    parts = [f"{role} {us:,.0f}" for role, us in sorted(cpu_us.items()) if us >= 1]
+    return f"{', '.join(parts)}; total {sum(cpu_us.values()):,.0f} us"

@@ -20,7 +20,8 @@ import redis.asyncio as aioredis
 
 from common.envelope import Result, pack_result, peek_id_and_reply_to
 from common.keys import CONSUMER_GROUP, REQUEST_FIELD, Keys
-from worker.lanes import Lane
+from worker.commit import Committer
+from worker.lanes import Lane, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,11 @@ class Recovery:
         redis: aioredis.Redis,
         keys: Keys,
         consumer: str,
+        committer: Committer,
         *,
         max_deliveries: int,
-        result_ttl_s: int,
     ) -> None:
-        self._result_ttl_s = result_ttl_s
+        self._committer = committer
         self._redis = redis
         self._keys = keys
         self._consumer = consumer
@@ -87,24 +88,19 @@ class Recovery:
             "its worker died each time"
         )
         request_id, reply_to = peek_id_and_reply_to(raw)
-        # On Cluster the answer lives in other slots than the stream: it is
-        # written first, then the dead letter and the ack (one slot) together.
-        async with self._redis.pipeline(transaction=True) as pipe:
-            if request_id:
-                payload = pack_result(Result.failure(request_id, "error", "poison", reason))
-                answer = self._redis.pipeline(transaction=False) if self._keys.cluster else pipe
-                answer.set(self._keys.result(request_id), payload, ex=self._result_ttl_s)
-                if reply_to:
-                    answer.lpush(reply_to, payload)
-                if answer is not pipe:
-                    await answer.execute()
-            pipe.xadd(
-                self._keys.dead(lane.model.name),
-                {"req": raw, "reason": reason, "entry": entry_id},
-            )
-            pipe.xack(lane.queue, CONSUMER_GROUP, entry_id)
-            pipe.xdel(lane.queue, entry_id)
-            await pipe.execute()
+        # The dead letter first, then the answer and the ack through the batch
+        # commit (atomic on one node, grouped by slot on a cluster). A kill in
+        # between redelivers the entry and it is buried again: at worst a
+        # second dead letter, never a request left without its answer.
+        await self._redis.xadd(
+            self._keys.dead(lane.model.name), {"req": raw, "reason": reason, "entry": entry_id}
+        )
+        answer = b""
+        if request_id:
+            answer = pack_result(Result.failure(request_id, "error", "poison", reason))
+        await self._committer.commit(
+            [Outcome(lane.queue, entry_id, request_id or "", reply_to, answer)]
+        )
         log.warning("dead letter: entry %s of %s: %s", entry_id.decode(), lane.queue, reason)
 
     async def reclaim(self, lane: Lane, idle_ms: int) -> int:

@@ -124,14 +124,10 @@ class WorkerService:
         self.cancels = Feed(redis, self.keys, settings.worker.block_ms / 1000, self._on_control)
         self._reloads: asyncio.Queue[str] = asyncio.Queue()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
-        self.recovery = Recovery(
-            redis,
-            self.keys,
-            name,
-            max_deliveries=settings.worker.max_deliveries,
-            result_ttl_s=settings.redis.result_ttl_s,
-        )
         self.committer = Committer(redis, self.keys, settings.redis.result_ttl_s)
+        self.recovery = Recovery(
+            redis, self.keys, name, self.committer, max_deliveries=settings.worker.max_deliveries
+        )
         self.metrics = worker_metrics()
         self._stopping = asyncio.Event()
         self._finishing = asyncio.Event()  # drained: the side loops end
