@@ -97,6 +97,7 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
         )
     batch = max(1, round(figures["mean_batch_rows"]))
     figures["inprocess_batch"] = batch
+    figures["worker_slots"] = slots
     figures["inprocess_items_per_s"] = _inprocess(
         str(model.path), figures["spec_json"], batch, args.threads, slots
     )
@@ -114,7 +115,7 @@ async def _measure(url: str, settings: Settings, args: argparse.Namespace) -> di
         # warm-up: let every worker see traffic before the clock starts
         await _open_loop(client, args.model, payloads[: min(2000, len(payloads))])
         cpu_before = cpu_by_role()
-        throughput, mean_batch = await _open_loop(client, args.model, payloads)
+        throughput, mean_batch, compute = await _open_loop(client, args.model, payloads)
         cpu = per_request_us(cpu_before, cpu_by_role(), len(payloads) * args.rows)
         closed = await run_load(
             client,
@@ -142,12 +143,20 @@ async def _measure(url: str, settings: Settings, args: argparse.Namespace) -> di
         "idle_overhead_p99_ms": float(np.percentile(idle, 99)),
         "payload_bytes": len(pack_request(request)),
         "cpu_us_per_item": cpu,
+        **compute,
         "spec_json": spec.to_json(),
     }
 
 
-async def _open_loop(client: AsyncClient, model: str, payloads: list[Any]) -> tuple[float, float]:
-    """Submit everything in pipelined chunks, then await every result."""
+async def _open_loop(
+    client: AsyncClient, model: str, payloads: list[Any]
+) -> tuple[float, float, dict[str, float]]:
+    """Submit everything in pipelined chunks, then await every result.
+
+    Returns items/s, the mean batch rows and where the workers' time went:
+    the mean forward time of a batch and the share of the run each worker's
+    compute thread spent in forward (a batch is told apart by its worker
+    and its infer_ms, which every result of the batch carries)."""
     start = time.perf_counter()
     ids: list[str] = []
     for i in range(0, len(payloads), CHUNK):
@@ -156,7 +165,13 @@ async def _open_loop(client: AsyncClient, model: str, payloads: list[Any]) -> tu
     results = [await client.wait(i, timeout=300) for i in ids]
     elapsed = time.perf_counter() - start
     rows = sum((r.outputs and next(iter(r.outputs.values())).shape[0]) or 0 for r in results)
-    return rows / elapsed, float(np.mean([r.batch_size for r in results]))
+    batches = {(r.worker, r.infer_ms) for r in results}
+    workers = len({worker for worker, _ in batches}) or 1
+    compute = {
+        "batch_infer_ms": float(np.mean([ms for _, ms in batches])),
+        "compute_busy": sum(ms for _, ms in batches) / 1000 / elapsed / workers,
+    }
+    return rows / elapsed, float(np.mean([r.batch_size for r in results])), compute
 
 
 async def _bare_transport(url: str, payload_bytes: int, count: int) -> float:
@@ -214,6 +229,8 @@ def _normal_priority() -> None:
 def _report(f: dict[str, Any]) -> None:
     ratio_a = f["items_per_s"] / f["inprocess_items_per_s"]
     ratio_b = f["items_per_s"] / f["bare_items_per_s"]
+    per_slot = f["inprocess_items_per_s"] / f["worker_slots"]
+    in_process_ms = 1000 * f["inprocess_batch"] / per_slot
     print(
         f"  tensorq throughput (open loop)   {f['items_per_s']:>10,.0f} items/s"
         f"   mean batch {f['mean_batch_rows']:.1f} rows\n"
@@ -226,6 +243,8 @@ def _report(f: dict[str, Any]) -> None:
         f"{f['inprocess_items_per_s']:>10,.0f} items/s   tensorq/in-process = {ratio_a:.2f}\n"
         f"  (b) bare Redis round trip        {f['bare_items_per_s']:>10,.0f} items/s"
         f"   tensorq/bare = {ratio_b:.2f}   ({f['payload_bytes']} B payloads)\n"
+        f"  worker compute thread: forward {f['batch_infer_ms']:.2f} ms per batch "
+        f"(in-process {in_process_ms:.2f} ms), busy {f['compute_busy']:.2f} of the run\n"
         f"  CPU per item (open loop): {format_cpu(f['cpu_us_per_item'])}",
         flush=True,
     )

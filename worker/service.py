@@ -33,14 +33,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from common.aio import wait_any
-from common.envelope import Result, pack_result, peek_id_and_reply_to, unpack_request
+from common.envelope import Arrays, Result, pack_result, peek_id_and_reply_to, unpack_request
 from common.errors import InvalidInput, ProtocolError
 from common.keys import CONSUMER_GROUP, HIGH, NORMAL, REQUEST_FIELD, Keys
 from common.redis_conn import blocking_client
 from common.settings import Settings
 from worker.backoff import Backoff
+from worker.batching import Assembled
 from worker.commit import Committer
-from worker.execution import DeviceExecutor, ModelFailure
+from worker.execution import BatchRun, DeviceExecutor, ModelFailure
 from worker.feed import Feed
 from worker.lanes import Lane, Outcome, Pending
 from worker.metrics import worker_metrics
@@ -333,7 +334,8 @@ class WorkerService:
         the event loop. A partial batch waits for the running one to finish
         and so collects whatever arrives meanwhile (the natural batching)."""
         loop = asyncio.get_running_loop()
-        running: deque[asyncio.Future[list[Outcome]]] = deque()
+        running: deque[tuple[asyncio.Future[BatchRun], Lane, LoadedModel, list[Pending]]]
+        running = deque()
         turn = 0
         while True:
             ready = [lane for lane in self.lanes if lane.backlog]
@@ -342,7 +344,9 @@ class WorkerService:
             )
             urgent = max((lane.priority for lane in ready), default=NORMAL)
             if running and (len(running) > 1 or not full or full[0].priority < urgent):
-                await self._writes.put(await running.popleft())
+                computing, done_lane, done_model, batch = running.popleft()
+                run = await computing
+                await self._writes.put(self._outcomes(done_lane, done_model, batch, run))
                 continue
             if not ready:
                 if self._stopping.is_set() and all(lane.reader_done for lane in self.lanes):
@@ -361,9 +365,13 @@ class WorkerService:
                 await self._fill_window(lane)
             items = await self._drop_settled(lane, lane.take())
             if items:
-                running.append(
-                    loop.run_in_executor(self._compute, self._compute_batch, lane, items)
+                model = lane.model  # a reload switches lane.model for the next batch only
+                inputs = [p.request.inputs for p in items]
+                assembled = self.executor.assemble(model, inputs)
+                computing = loop.run_in_executor(
+                    self._compute, self._run_batch, model, items, inputs, assembled
                 )
+                running.append((computing, lane, model, items))
 
     async def _fill_window(self, lane: Lane) -> None:
         """Wait up to max_delay_ms for more rows while the lane's batch policy
@@ -412,36 +420,44 @@ class WorkerService:
             await self._writes.put(settled)
         return keep
 
-    def _compute_batch(self, lane: Lane, items: list[Pending]) -> list[Outcome]:
-        started = now_ms()
-        model = lane.model
+    def _run_batch(
+        self,
+        model: LoadedModel,
+        items: Sequence[Pending],
+        inputs: Sequence[Arrays],
+        assembled: Assembled,
+    ) -> BatchRun:
+        """The compute thread's whole share of a batch: the forward call."""
         self._fault_hook(items)
-        t0 = time.perf_counter()
-        per_request = self.executor.run_batch(model, [p.request.inputs for p in items])
-        infer_ms = (time.perf_counter() - t0) * 1000
+        return self.executor.run(model, inputs, assembled)
+
+    def _outcomes(
+        self, lane: Lane, model: LoadedModel, items: Sequence[Pending], run: BatchRun
+    ) -> list[Outcome]:
+        """Split a computed batch per request and pack the results (event loop)."""
         rows = sum(p.rows for p in items)
         outcomes = []
         dtypes = {t.name: t.dtype for t in model.spec.outputs}
-        for item, outputs in zip(items, per_request, strict=True):
+        for item, outputs in zip(items, run.per_request(model.spec), strict=True):
             request = item.request
             if isinstance(outputs, ModelFailure):
                 self.stats.errors += 1
                 result = Result.failure(request.id, "error", "model_error", str(outputs))
             else:
                 result = Result(request.id, "ok", outputs=outputs)
-            result.queued_ms = max(0.0, started - item.enqueued_ms)
-            result.infer_ms = infer_ms
-            self.stats.record(model.name, item.rows, result.queued_ms + infer_ms)
+            result.queued_ms = max(0.0, run.started_ms - item.enqueued_ms)
+            result.infer_ms = run.infer_ms
+            self.stats.record(model.name, item.rows, result.queued_ms + run.infer_ms)
             result.batch_size = rows
             result.worker = self.name
             payload = pack_result(result, dtypes)
             outcomes.append(
                 Outcome(lane.queue, item.entry_id, request.id, request.reply_to, payload)
             )
-        lane.window.record_batch(rows, infer_ms)
+        lane.window.record_batch(rows, run.infer_ms)
         if self.metrics is not None:
-            waits = [max(0.0, started - p.enqueued_ms) / 1000 for p in items]
-            self.metrics.record_batch(model.name, rows, infer_ms / 1000, waits)
+            waits = [max(0.0, run.started_ms - p.enqueued_ms) / 1000 for p in items]
+            self.metrics.record_batch(model.name, rows, run.infer_ms / 1000, waits)
         self.stats.batches += 1
         self.stats.requests += len(items)
         self.stats.rows += rows
