@@ -21,7 +21,7 @@ import redis
 from common.codec import encode_tensor
 from common.envelope import Request, pack_request, unpack_result
 from common.errors import QueueFull, RequestTimeout
-from common.keys import Keys
+from common.keys import CONSUMER_GROUP, Keys
 from common.spec import ModelSpec, TensorSpec
 from producer import AsyncClient, Submission
 from tests.conftest import PoolHandle, wait_until, write_config
@@ -94,6 +94,103 @@ def test_chaos_sigkill_loses_nothing(
     assert len(killed) >= 10
     assert pool.process.poll() is None  # the pool itself survived
     assert sync_redis.xlen(KEYS.queue("mlp")) == 0
+
+
+def collect(
+    sync_redis: redis.Redis,
+    answers: Counter[str],
+    statuses: Counter[str],
+    *,
+    until: int,
+    timeout: float,
+) -> None:
+    """Pop results into ``answers`` (per id) and ``statuses`` until ``until`` ids are answered."""
+    deadline = time.monotonic() + timeout
+    while len(answers) < until:
+        assert time.monotonic() < deadline, f"{len(answers)} of {until} answered: {statuses}"
+        for result in pop_results(sync_redis, 1):
+            answers[result.id] += 1
+            statuses[result.status] += 1
+
+
+def test_entries_of_a_vanished_consumer_are_reclaimed(
+    config: Path, redis_url: str, sync_redis: redis.Redis, start_pool: Callable[..., PoolHandle]
+) -> None:
+    """A consumer read 50 requests and vanished (no worker of its pool will
+    ever re-read them): a live worker takes them over after claim_idle_ms and
+    answers each once; one deleted while pending goes to the dead letters."""
+    queue = KEYS.queue("mlp")
+    sync_redis.xgroup_create(queue, CONSUMER_GROUP, id="0", mkstream=True)
+    ids = [f"orphan-{i}" for i in range(50)]
+    entries = [sync_redis.xadd(queue, {"req": raw_request(i)}) for i in ids]
+    delivered: Any = sync_redis.xreadgroup(CONSUMER_GROUP, "gone-host-0", {queue: ">"}, count=100)
+    assert len(delivered[0][1]) == 50
+    sync_redis.xdel(queue, entries[-1])  # trimmed by someone while pending
+    start_pool(config, redis_url, devices="cpu", workers=1, env={"TQ_WORKER_CLAIM_IDLE_MS": "1000"})
+    answers: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    collect(sync_redis, answers, statuses, until=49, timeout=60)
+    assert set(answers) == set(ids[:-1])
+    assert statuses == {"ok": 49}  # each answered exactly once
+    wait_until(lambda: sync_redis.xlen(KEYS.dead("mlp")) == 1, 30, "one dead letter")
+    letter = sync_redis.xrange(KEYS.dead("mlp"))[0][1]
+    assert (letter[b"reason"], letter[b"entry"]) == (b"entry deleted while pending", entries[-1])
+    wait_until(
+        lambda: sync_redis.xpending(queue, CONSUMER_GROUP)["pending"] == 0, 30, "nothing pending"
+    )
+
+
+def test_a_killed_host_s_requests_are_answered_by_another(
+    config: Path, redis_url: str, sync_redis: redis.Redis, start_pool: Callable[..., PoolHandle]
+) -> None:
+    """SIGKILL a whole pool (parent and worker) with a backlog in hand; a pool
+    started afterwards (other consumer names) reclaims what the dead one held."""
+    env = {"TQ_WORKER_CLAIM_IDLE_MS": "1000"}
+    first = start_pool(config, redis_url, devices="cpu", workers=1, env=env)
+    victims = [int(str(w["pid"])) for w in first.live_workers()]
+    x = np.full((1, 3, 32, 32), 0.5, np.float32)
+    ids = [f"host-{i}" for i in range(1500)]
+    pipe = sync_redis.pipeline(transaction=False)
+    for request_id in ids:
+        request = Request(request_id, "cnn", {"x": x}, None, INBOX)
+        pipe.xadd(KEYS.queue("cnn"), {"req": pack_request(request)})
+    pipe.execute()
+    answers: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    collect(sync_redis, answers, statuses, until=200, timeout=60)
+    os.kill(first.process.pid, signal.SIGKILL)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    first.process.wait()
+    first.stopped = True
+    held = sync_redis.xpending(KEYS.queue("cnn"), CONSUMER_GROUP)["pending"]
+    assert held > 0  # the dead worker held entries: only reclaim can answer them
+    start_pool(config, redis_url, devices="cpu", workers=1, env=env)
+    collect(sync_redis, answers, statuses, until=len(ids), timeout=120)
+    assert set(answers) == set(ids)
+    assert max(answers.values()) == 1, "a request was answered twice"
+    assert statuses == {"ok": len(ids)}
+    assert sync_redis.xpending(KEYS.queue("cnn"), CONSUMER_GROUP)["pending"] == 0
+
+
+def test_a_worker_whose_pool_died_drains_and_exits(
+    config: Path, redis_url: str, start_pool: Callable[..., PoolHandle]
+) -> None:
+    pool = start_pool(config, redis_url, devices="cpu", workers=1)
+    worker = int(str(pool.live_workers()[0]["pid"]))
+    os.kill(pool.process.pid, signal.SIGKILL)
+    pool.process.wait()
+    pool.stopped = True
+
+    def exited() -> bool:
+        try:
+            status = Path(f"/proc/{worker}/status").read_text()
+        except FileNotFoundError:
+            return True
+        return "\nState:\tZ" in status  # exited, waiting for a reaper
+
+    wait_until(exited, 30, "the orphaned worker to exit")
+    assert "is gone" in pool.log()
 
 
 def test_hostile_entries_never_kill_a_worker(

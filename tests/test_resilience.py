@@ -181,3 +181,44 @@ def test_status_reports_queues_and_workers(
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     ).stdout  # fmt: skip
     assert "mlp" in text and " no " in text  # stopped workers show as not alive
+
+
+async def test_a_failed_side_loop_drains_the_worker_and_reports_it(
+    tmp_path: Path, models_dir: Path, redis_url: str, sync_redis: redis.Redis
+) -> None:
+    """A loop that raises past its own retries (here: reclaim) does not leave
+    the worker serving without it: it drains, answering what it holds, and
+    ``failure`` makes the worker process exit non-zero for the pool to restart."""
+    from worker.execution import DeviceExecutor
+    from worker.registry import load_model
+    from worker.service import WorkerService
+
+    settings = load_settings(
+        write_config(tmp_path / "t.toml", models_dir),
+        overrides={"redis.url": redis_url, "worker.claim_idle_ms": 200},
+    )
+    executor = DeviceExecutor("cpu")
+    model = load_model(settings.model("mlp"), "cpu", executor.run_one)
+    connection = pooled_client(settings.redis)
+    service = WorkerService(
+        settings=settings, redis=connection, models=[model], executor=executor,
+        name="in-process", device_info={"device": "cpu:0"},
+    )  # fmt: skip
+    sync_redis.hset(KEYS.models, "mlp", model.spec.to_json())  # as the worker will
+    async with AsyncClient(redis_url) as client:
+        ids = await client.submit_many([Submission("mlp", {"x": X}) for _ in range(20)])
+        reclaims = 0
+
+        async def broken_reclaim(*args: object) -> int:
+            nonlocal reclaims
+            reclaims += 1
+            raise KeyError("injected: a bug in reclaim")
+
+        service.recovery.reclaim = broken_reclaim  # type: ignore[method-assign]
+        await asyncio.wait_for(service.run(), 30)  # returns by itself: no request_stop
+        results = [await client.wait(i, timeout=10) for i in ids]
+    await connection.aclose()
+    assert reclaims == 1
+    assert isinstance(service.failure, KeyError)
+    assert [r.status for r in results] == ["ok"] * 20
+    assert sync_redis.xpending(KEYS.queue("mlp"), CONSUMER_GROUP)["pending"] == 0

@@ -94,5 +94,7 @@ async def _serve(slot: DeviceSlot, settings: Settings, name: str, ready: Any) ->
         if ready is not None:
             ready.set()
         await service.run()
+        if service.failure is not None:
+            sys.exit(1)  # drained; the pool restarts us
     finally:
         await redis.aclose()

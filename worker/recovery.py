@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 Entry = tuple[bytes, dict[bytes, bytes] | None]
 
 
+def _as_sent(response: Any, **kwargs: Any) -> Any:
+    return response
+
+
 def id_before(entry_id: bytes | str) -> str:
     """The stream id just before ``entry_id`` (XREADGROUP returns ids after the one given)."""
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -47,6 +51,10 @@ class Recovery:
     ) -> None:
         self._committer = committer
         self._redis = redis
+        # redis-py parses XAUTOCLAIM ... JUSTID down to the claimed ids and
+        # drops the cursor and the deleted ids that ``reclaim`` walks by; only
+        # this class sends XAUTOCLAIM, so its reply is taken as Redis sends it.
+        redis.set_response_callback("XAUTOCLAIM", _as_sent)
         self._keys = keys
         self._consumer = consumer
         self._max_deliveries = max_deliveries
@@ -114,7 +122,7 @@ class Recovery:
                 start_id=cursor, count=100, justid=True,
             )  # fmt: skip
             cursor, claimed = reply[0], reply[1]
-            deleted = reply[2] if len(reply) > 2 else []
+            deleted = reply[2] if len(reply) > 2 else []  # Redis 7 reports deleted entries
             if deleted:  # pending but gone from the stream: nobody can answer them
                 async with self._redis.pipeline(transaction=True) as pipe:
                     for entry_id in deleted:

@@ -135,6 +135,8 @@ class WorkerService:
         self._work = asyncio.Event()
         self._writes: asyncio.Queue[list[Outcome] | None] = asyncio.Queue(maxsize=4)
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.failure: BaseException | None = None  # a loop died: drain, then exit non-zero
+        self._parent_pid = os.getppid()
 
     def request_stop(self) -> None:
         if not self._stopping.is_set():
@@ -143,6 +145,29 @@ class WorkerService:
             asyncio.get_running_loop().call_later(grace / 2, self._report_slow_drain, grace / 2)
         self._stopping.set()
         self._work.set()
+
+    def _loop_ended(self, task: asyncio.Task[Any]) -> None:
+        """A reader or side loop that raises has met a fault its own retries do
+        not cover (or a bug): rather than serve on without it (a lane nobody
+        reads, entries nobody reclaims), drain and exit non-zero so the pool
+        restarts this worker."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.error("%s failed", task.get_name(), exc_info=error)
+        if self.failure is None:
+            self.failure = error
+            log.error("worker %s: draining so the pool restarts it", self.name)
+            self.request_stop()
+
+    def _writer_ended(self, task: asyncio.Task[Any]) -> None:
+        """Without its writer a worker cannot drain: exit at once. Its entries
+        stay pending and its restart (same consumer name) re-reads them."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.critical("result writer failed; exiting", exc_info=task.exception())
+        logging.shutdown()
+        os._exit(70)
 
     def _report_slow_drain(self, after_s: float) -> None:
         """Name what a drain is still waiting for, before the pool's grace
@@ -168,17 +193,23 @@ class WorkerService:
         await self._publish_models()
         for lane in self.lanes:
             await self._ensure_group(lane.queue)
-        readers = [asyncio.create_task(self._read_loop(lane)) for lane in self.lanes]
+        readers = [
+            asyncio.create_task(self._read_loop(lane), name=f"reader of {lane.queue}")
+            for lane in self.lanes
+        ]
         side = [
-            asyncio.create_task(self._heartbeat_loop()),
-            asyncio.create_task(self._reclaim_loop()),
-            asyncio.create_task(self._lease_loop()),
-            asyncio.create_task(self.cancels.run(self._stopping)),
-            asyncio.create_task(self._reload_loop()),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+            asyncio.create_task(self._lease_loop(), name="lease renewal"),
+            asyncio.create_task(self.cancels.run(self._stopping), name="cancel feed"),
+            asyncio.create_task(self._reload_loop(), name="reload"),
         ]
         if self.settings.worker.watch_models:
-            side.append(asyncio.create_task(self._watch_loop()))
-        writer = asyncio.create_task(self._write_loop())
+            side.append(asyncio.create_task(self._watch_loop(), name="model watch"))
+        for task in readers + side:
+            task.add_done_callback(self._loop_ended)
+        writer = asyncio.create_task(self._write_loop(), name="writer")
+        writer.add_done_callback(self._writer_ended)
         try:
             await self._batch_loop()
         finally:
@@ -188,10 +219,7 @@ class WorkerService:
             # Side loops end by flag (common/aio.py says why).
             self._finishing.set()
             self._reloads.put_nowait("")
-            done, stuck = await asyncio.wait(side, timeout=self.settings.redis.socket_timeout_s + 1)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    log.warning("%s ended with %r", task.get_name(), task.exception())
+            _, stuck = await asyncio.wait(side, timeout=self.settings.redis.socket_timeout_s + 1)
             for task in stuck:
                 log.warning("%s did not stop; cancelling it", task.get_name())
                 task.cancel()
@@ -554,6 +582,11 @@ class WorkerService:
 
     async def _heartbeat_loop(self) -> None:
         while not self._finishing.is_set():
+            if os.getppid() != self._parent_pid and not self._stopping.is_set():
+                # Unsupervised, and a restarted pool would start a second
+                # worker on this device: finish what we hold and go.
+                log.error("worker %s: its pool (pid %d) is gone", self.name, self._parent_pid)
+                self.request_stop()
             await self._heartbeat()
             await wait_any(self._finishing, timeout=self.settings.worker.heartbeat_s)
 
