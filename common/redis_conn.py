@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import (
@@ -69,12 +69,39 @@ def cluster_nodes(settings: RedisSettings) -> tuple[list[tuple[str, int]], dict[
     return nodes, options
 
 
+class _Cluster(RedisCluster):
+    """redis-py's cluster client, raising the ConnectionError it means when a
+    node drops out mid-command. While the topology changes, redis-py 8.1 can
+    fail with AttributeError on a connection or node it has just discarded
+    (redis/redis-py#3835; seen here during a failover: 'NoneType' object has
+    no attribute 'writelines'), which no caller's RedisError retry would catch."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except AttributeError as exc:
+            raise ConnectionError(f"cluster node lost mid-command ({exc})") from exc
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class _ClusterPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except AttributeError as exc:
+            raise ConnectionError(f"cluster node lost mid-pipeline ({exc})") from exc
+
+
 def cluster_client(settings: RedisSettings, *, socket_timeout: float) -> aioredis.Redis:
     """A RedisCluster (see ``cluster_nodes``). Connections are per node;
     redis-py's cluster pool cannot wait for a free one, so ``max_connections``
     bounds each node's pool and a burst past it raises."""
     nodes, options = cluster_nodes(settings)
-    cluster = RedisCluster(
+    cluster = _Cluster(
         startup_nodes=[ClusterNode(host, port) for host, port in nodes],
         max_connections=settings.max_connections,
         socket_timeout=socket_timeout,

@@ -20,7 +20,7 @@ from redis.cluster import key_slot
 
 from common.errors import RedisUnavailable, RequestTimeout
 from common.keys import Keys
-from common.redis_conn import mask_url
+from common.redis_conn import mask_url, pooled_client
 from common.settings import RedisSettings, load_settings
 from producer import AsyncClient, Submission
 from producer.status import collect_status
@@ -101,6 +101,30 @@ async def test_unreachable_cluster_is_a_clear_error_without_the_password() -> No
     message = str(caught.value)
     assert "redis+cluster://app:***@127.0.0.1:1,127.0.0.1:2" in message
     assert "s3cret" not in message
+
+
+async def test_redis_py_attribute_errors_mid_failover_become_connection_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """redis-py's cluster client can fail with AttributeError while the
+    topology changes (redis/redis-py#3835); ours raises the ConnectionError
+    that every retry loop here handles."""
+    from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def discarded_connection(*args: object, **kwargs: object) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    monkeypatch.setattr(RedisCluster, "execute_command", discarded_connection)
+    monkeypatch.setattr(ClusterPipeline, "execute", discarded_connection)
+    settings = load_settings(env={}, overrides={"redis.url": "redis+cluster://127.0.0.1:1"})
+    client = pooled_client(settings.redis)  # connects lazily: nothing is reached here
+    with pytest.raises(RedisConnectionError, match="cluster node lost mid-command"):
+        await client.get("k")
+    with pytest.raises(RedisConnectionError, match="cluster node lost mid-pipeline"):
+        pipe = client.pipeline(transaction=False)
+        pipe.get("k")
+        await pipe.execute()
 
 
 @pytest.fixture(scope="module")
