@@ -17,6 +17,7 @@ import msgpack
 import numpy as np
 import pytest
 import redis
+import torch
 
 from common.codec import encode_tensor
 from common.envelope import Request, pack_request, unpack_result
@@ -171,6 +172,60 @@ def test_a_killed_host_s_requests_are_answered_by_another(
     assert max(answers.values()) == 1, "a request was answered twice"
     assert statuses == {"ok": len(ids)}
     assert sync_redis.xpending(KEYS.queue("cnn"), CONSUMER_GROUP)["pending"] == 0
+
+
+class Slow(torch.nn.Module):
+    """Loops x[0, 0] times: as slow as the request asks, instant on warm-up."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        for _ in range(int(x[0, 0].item())):
+            y = torch.tanh(y)
+        return y[:, :10]
+
+
+def test_a_batch_longer_than_the_visibility_timeout_keeps_its_lease(
+    tmp_path: Path, config: Path, redis_url: str, sync_redis: redis.Redis,
+    start_pool: Callable[..., PoolHandle],
+) -> None:  # fmt: skip
+    """Batches taking several claim_idle_ms each, two workers watching each
+    other's entries: lease renewal keeps them from being reclaimed, so no
+    request is computed or answered twice."""
+    torch.jit.script(Slow().eval()).save(str(tmp_path / "slow.pt"))  # type: ignore[no-untyped-call]
+    config.write_text(
+        config.read_text()
+        + f"""
+[[models]]
+name = "slow"
+path = "{tmp_path / "slow.pt"}"
+max_batch_size = 1
+max_delay_ms = 0
+  [[models.inputs]]
+  name = "x"
+  dtype = "float32"
+  shape = [256]
+  [[models.outputs]]
+  name = "y"
+  dtype = "float32"
+  shape = [10]
+"""
+    )
+    pool = start_pool(config, redis_url, env={"TQ_WORKER_CLAIM_IDLE_MS": "400"})
+    x = np.zeros((1, 256), np.float32)
+    x[0, 0] = 3_000_000  # about 1.5 s of forward here, several visibility timeouts
+    ids = [f"long-{i}" for i in range(6)]
+    for request_id in ids:
+        request = Request(request_id, "slow", {"x": x}, None, INBOX)
+        sync_redis.xadd(KEYS.queue("slow"), {"req": pack_request(request)})
+    answers: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    collect(sync_redis, answers, statuses, until=len(ids), timeout=120)
+    assert pool.stop() == 0  # drained: a second computation would have been written by now
+    for result in pop_results(sync_redis, 0.1):
+        answers[result.id] += 1
+    assert answers == {i: 1 for i in ids}
+    assert statuses == {"ok": len(ids)}
+    assert "reclaimed" not in pool.log_path.read_text()
 
 
 def test_a_worker_whose_pool_died_drains_and_exits(
