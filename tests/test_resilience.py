@@ -222,3 +222,29 @@ async def test_a_failed_side_loop_drains_the_worker_and_reports_it(
     assert isinstance(service.failure, KeyError)
     assert [r.status for r in results] == ["ok"] * 20
     assert sync_redis.xpending(KEYS.queue("mlp"), CONSUMER_GROUP)["pending"] == 0
+
+
+async def test_a_request_answered_already_keeps_its_first_result(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    """A late commit for a request another worker answered (its entries were
+    reclaimed while it was cut off) writes nothing and pushes nothing."""
+    from common.envelope import Result, pack_result, unpack_result
+    from worker.commit import Committer
+    from worker.lanes import Outcome
+
+    queue, inbox = KEYS.queue("mlp"), "test:commit-inbox"
+    sync_redis.xgroup_create(queue, CONSUMER_GROUP, id="0", mkstream=True)
+    entry = sync_redis.xadd(queue, {"req": b"r"})
+    sync_redis.xreadgroup(CONSUMER_GROUP, "first", {queue: ">"})
+    connection = pooled_client(load_settings(env={}, overrides={"redis.url": redis_url}).redis)
+    committer = Committer(connection, KEYS, 60)
+    first = pack_result(Result.failure("req-1", "error", "model_error", "from the first"))
+    late = pack_result(Result.failure("req-1", "error", "model_error", "from the late one"))
+    await committer.commit([Outcome(queue, entry, "req-1", inbox, first)])
+    await committer.commit([Outcome(queue, entry, "req-1", inbox, late)])
+    await connection.aclose()
+    stored = unpack_result(sync_redis.get(KEYS.result("req-1")))  # type: ignore[arg-type]
+    assert stored.error_message == "from the first"
+    assert sync_redis.lrange(inbox, 0, -1) == [first]
+    assert sync_redis.xpending(queue, CONSUMER_GROUP)["pending"] == 0

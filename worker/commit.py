@@ -3,12 +3,20 @@ XACK + XDEL of the entries they answer, in one Lua script: atomic (a kill
 never leaves a result without its ack or the reverse) and one command per
 batch instead of one per result, which is most of the write cost.
 
+A request already answered keeps its first result and gets no second push
+(SET NX): a worker cut off from Redis past the visibility timeout, whose
+entries another worker took over and answered, cannot answer them again
+when it comes back.
+
 Keys of one batch span several slots, so on Redis Cluster (``keys.cluster``)
 the script cannot run; there a batch is two pipelined round trips instead:
 the results and inbox pushes (redis-py sends each node its share), then per
 stream XACK + XDEL (a stream's keys share a slot). A kill between the two
 leaves answered entries pending; their redelivery finds the result and only
-acks, so each request is still answered once.
+acks, so each request is still answered once. The first-result rule above
+does not hold there (the SET and the push are not one step): a worker back
+from a partition can push a second result, which a client whose wait has
+already ended ignores.
 
 Script arguments:
     KEYS = result keys (n, in outcome order), inbox keys (m), stream keys (q)
@@ -33,8 +41,7 @@ COMMIT_LUA = """
 local ttl, n, m, q = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 for i = 1, n do
   local payload = ARGV[4 + i]
-  if payload ~= '' then
-    redis.call('SET', KEYS[i], payload, 'EX', ttl)
+  if payload ~= '' and redis.call('SET', KEYS[i], payload, 'EX', ttl, 'NX') then
     local inbox = tonumber(ARGV[4 + n + i])
     if inbox > 0 then redis.call('LPUSH', KEYS[n + inbox], payload) end
   end
