@@ -102,7 +102,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def write_config(path: Path, models_dir: Path, *, extra: str = "", **model_overrides: str) -> Path:
+def write_config(path: Path, models_dir: Path, *, extra: str = "") -> Path:
     """The example config, pointed at ``models_dir``; ``extra`` TOML appended."""
     text = (ROOT / "config" / "tensorq.toml").read_text()
     text = text.replace('path = "models/', f'path = "{models_dir}/')

@@ -4,6 +4,7 @@ report what they see once torch is imported."""
 from __future__ import annotations
 
 import multiprocessing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -77,3 +78,39 @@ def test_each_spawned_worker_sees_exactly_its_own_device() -> None:
     # No GPU on this machine: a pinned process must not invent one.
     assert all(r["cuda_device_count"] == 0 for r in reports.values())
     assert all(r["malloc_threshold"] == "1073741824" for r in reports.values())
+
+
+def test_cuda_staging_sets_rotate_so_a_queued_batch_is_never_overwritten(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, models_dir: Path
+) -> None:
+    """The event loop assembles the next batch while one computes and one
+    waits behind it: three pinned staging sets in turn, so assembling never
+    writes into a batch still in flight. (Pinned memory needs a GPU: on this
+    CPU-only build the buffers are plain, the rotation is the same.)"""
+    import numpy as np
+    import torch
+
+    from common.settings import load_settings
+    from tests.conftest import write_config
+    from worker.execution import STAGING_SETS, DeviceExecutor
+    from worker.registry import LoadedModel
+
+    real_empty = torch.empty
+
+    def unpinned_empty(*args: Any, pin_memory: bool = False, **kwargs: Any) -> torch.Tensor:
+        assert pin_memory, "staging buffers must be pinned"
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", unpinned_empty)
+    executor = DeviceExecutor("cpu")
+    executor.cuda = True  # the staging logic only: forward is not called
+    config = load_settings(write_config(tmp_path / "t.toml", models_dir)).model("mlp")
+    model = LoadedModel(config, config.spec("v"), None)
+    batches = [
+        executor.assemble(model, [{"x": np.full((2, 256), float(i), np.float32)}])
+        for i in range(STAGING_SETS + 1)
+    ]
+    addresses = [b.inputs[0].ctypes.data for b in batches]
+    assert len(set(addresses[:STAGING_SETS])) == STAGING_SETS  # batches in flight: apart
+    assert addresses[STAGING_SETS] == addresses[0]  # the set comes round again, reused
+    assert all(float(b.inputs[0][0, 0]) == i for i, b in enumerate(batches[1:], 1))
