@@ -71,6 +71,10 @@ class Keys:
     def inbox(self, client_id: str) -> str:
         return f"{self.prefix}:inbox:{client_id}"
 
+    def is_inbox(self, key: str) -> bool:
+        """Whether ``key`` names an inbox (a request's ``reply_to`` must)."""
+        return key.startswith(f"{self.prefix}:inbox:") and len(key) > len(self.prefix) + 7
+
     def dead(self, model: str) -> str:
         return f"{self.prefix}:dead:{self._tag(model)}"
 

@@ -32,6 +32,7 @@ from common.codec import as_wire_array, bf16_bits_to_float32
 from common.envelope import Request, Result, pack_request, unpack_result
 from common.errors import (
     InferenceError,
+    InvalidInput,
     QueueFull,
     RedisUnavailable,
     RequestTimeout,
@@ -77,6 +78,19 @@ class Submission:
     priority: int = 0
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A checked request, packed for its stream, and that stream's length limit."""
+
+    request: Request
+    limit: int
+    payload: bytes
+
+
+# Longest timeout a request may carry: its deadline must stay a sane int64 of ms.
+MAX_TIMEOUT_S = 10 * 365 * 24 * 3600.0
+
+
 @dataclass
 class _Inbox:
     key: str
@@ -117,7 +131,7 @@ class AsyncClient:
         self._closing = False
         self._specs: dict[str, ModelSpec] = {}
         self._enqueue_sha = ""
-        self._outbox: list[tuple[list[tuple[Request, int]], asyncio.Future[list[Any]]]] = []
+        self._outbox: list[tuple[list[_Prepared], asyncio.Future[list[Any]]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------
@@ -149,9 +163,12 @@ class AsyncClient:
             await asyncio.gather(self._reader, return_exceptions=True)
         for future in self._inbox.waiters.values():
             future.cancel()
+        self._inbox.waiters.clear()
         if self._given_redis is None:
             await self._redis.aclose()
         self._redis = None
+        self._reader = None  # connect() again starts afresh
+        self._closing = False
 
     async def __aenter__(self) -> AsyncClient:
         return await self.connect()
@@ -204,28 +221,31 @@ class AsyncClient:
         """
         prepared = [await self._prepare(s) for s in submissions]
         loop = asyncio.get_running_loop()
-        for request, _ in prepared:
-            self._inbox.waiters[request.id] = loop.create_future()
+        for p in prepared:
+            self._inbox.waiters[p.request.id] = loop.create_future()
         if self._reader is None:  # results of our own requests arrive in our inbox
             self._reader = asyncio.create_task(self._read_inbox(), name=f"inbox-{self.client_id}")
-        replies = await self._enqueue_grouped(prepared)
-        refused = [
-            (r, limit) for (r, limit), reply in zip(prepared, replies, strict=True) if not reply
-        ]
+        try:
+            replies = await self._enqueue_grouped(prepared)
+        except BaseException:  # not known to be queued: nobody will wait for these
+            for p in prepared:
+                self._inbox.waiters.pop(p.request.id, None)
+            raise
+        refused = [p for p, reply in zip(prepared, replies, strict=True) if not reply]
         if refused:
-            for request, _ in refused:
-                self._inbox.waiters.pop(request.id, None)
-            first, limit = refused[0]
+            for p in refused:
+                self._inbox.waiters.pop(p.request.id, None)
+            first = refused[0]
             error = QueueFull(
-                f"queue of model {first.model!r} is at max_queue_len {limit}; "
+                f"queue of model {first.request.model!r} is at max_queue_len {first.limit}; "
                 f"{len(refused)} of {len(prepared)} request(s) refused",
-                request_id=first.id,
+                request_id=first.request.id,
             )
-            error.refused = [r.id for r, _ in refused]
+            error.refused = [p.request.id for p in refused]
             raise error
-        return [request.id for request, _ in prepared]
+        return [p.request.id for p in prepared]
 
-    async def _enqueue_grouped(self, prepared: list[tuple[Request, int]]) -> list[Any]:
+    async def _enqueue_grouped(self, prepared: list[_Prepared]) -> list[Any]:
         """Group commit: submits from concurrent tasks that arrive while an
         enqueue round trip is in flight go out together in the next one, so
         M concurrent producers cost one script call per model per round trip."""
@@ -254,7 +274,7 @@ class AsyncClient:
                     future.set_result(replies[offset : offset + len(prepared)])
                 offset += len(prepared)
 
-    async def _enqueue_with_script(self, prepared: Sequence[tuple[Request, int]]) -> list[Any]:
+    async def _enqueue_with_script(self, prepared: Sequence[_Prepared]) -> list[Any]:
         if not self._enqueue_sha:
             self._enqueue_sha = await self._call(self.redis.script_load(_ENQUEUE_LUA))
         try:
@@ -263,14 +283,16 @@ class AsyncClient:
             self._enqueue_sha = await self._call(self.redis.script_load(_ENQUEUE_LUA))
             return await self._enqueue_all(prepared)
 
-    async def _enqueue_all(self, prepared: Sequence[tuple[Request, int]]) -> list[Any]:
+    async def _enqueue_all(self, prepared: Sequence[_Prepared]) -> list[Any]:
         """One script call per stream, pipelined; the stream entry id (or None
         if refused) of each request, in order."""
         groups: dict[str, list[int]] = {}
-        for index, (request, _) in enumerate(prepared):
-            groups.setdefault(self.keys.queue(request.model, request.priority), []).append(index)
+        for index, p in enumerate(prepared):
+            groups.setdefault(self.keys.queue(p.request.model, p.request.priority), []).append(
+                index
+            )
         calls = [
-            (queue, prepared[indices[0]][1], [pack_request(prepared[i][0]) for i in indices])
+            (queue, prepared[indices[0]].limit, [prepared[i].payload for i in indices])
             for queue, indices in groups.items()
         ]
         if self.keys.cluster:  # cluster pipelines refuse EVALSHA: concurrent calls instead
@@ -299,7 +321,9 @@ class AsyncClient:
                 self.redis.evalsha(self._enqueue_sha, 1, queue, limit, REQUEST_FIELD, *payloads)
             )
 
-    async def _prepare(self, submission: Submission) -> tuple[Request, int]:
+    async def _prepare(self, submission: Submission) -> _Prepared:
+        """Check and pack one submission; what is wrong with it fails it alone,
+        before it joins other submitters' round trip."""
         spec = await self.spec(submission.model)
         request_id = submission.request_id or f"{self.client_id}-{next(self._ids)}"
         arrays = {
@@ -309,11 +333,21 @@ class AsyncClient:
         spec.check_inputs(arrays, request_id=request_id)
         deadline = None
         if submission.timeout is not None:
-            deadline = int(time.time() * 1000 + submission.timeout * 1000)
+            timeout = submission.timeout
+            if not (isinstance(timeout, int | float) and 0 < timeout <= MAX_TIMEOUT_S):
+                raise InvalidInput(
+                    f"timeout must be seconds in (0, {MAX_TIMEOUT_S:.0f}], got {timeout!r:.40}",
+                    request_id=request_id,
+                )
+            deadline = int(time.time() * 1000 + timeout * 1000)
         request = Request(
             request_id, submission.model, arrays, deadline, self._inbox.key, submission.priority
         )
-        return request, int(spec.extra.get("max_queue_len", 100_000))
+        try:
+            payload = pack_request(request)
+        except (OverflowError, ValueError, TypeError) as exc:  # e.g. a priority past int64
+            raise InvalidInput(f"request cannot be encoded: {exc}", request_id=request_id) from None
+        return _Prepared(request, int(spec.extra.get("max_queue_len", 100_000)), payload)
 
     # -- results --------------------------------------------------------------
 

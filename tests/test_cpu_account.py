@@ -36,6 +36,7 @@ def test_a_busy_child_is_charged_to_its_role() -> None:
     finally:
         child.communicate("")
     spent = per_request_us(before, after, requests=1000)
-    assert spent["gateway"] >= 250  # 0.3 s over 1,000 requests, less clock ticks
-    assert spent["client"] >= 90
+    # /proc counts whole clock ticks (10 ms): each figure may lose up to two
+    assert spent["gateway"] >= 250  # 0.3 s over 1,000 requests
+    assert spent["client"] >= 75  # 0.1 s
     assert "floor" not in spent

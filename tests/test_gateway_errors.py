@@ -40,6 +40,11 @@ BINARY_HEAD = raw(
                  "parameters": {"binary_data_size": 1024}}]}
 )  # fmt: skip
 
+ZERO_HEAD = raw(
+    {"inputs": [{"name": "x", "shape": [2**62, 2**62, 0], "datatype": "FP32",
+                 "parameters": {"binary_data_size": 0}}]}
+)  # fmt: skip
+
 # (case, model, body, extra headers, status, part of the error message)
 BAD_REQUESTS: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     ("malformed JSON", "mlp", b'{"inputs": [', {}, 400, "malformed JSON"),
@@ -65,12 +70,19 @@ BAD_REQUESTS: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
      {HEADER_LENGTH: str(len(BINARY_HEAD))}, 400, "binary data ends"),
     ("binary data too long", "mlp", BINARY_HEAD + b"\0" * 1030,
      {HEADER_LENGTH: str(len(BINARY_HEAD))}, 400, "add up to 1024"),
+    ("zero-size shape too large for numpy", "mlp",
+     raw(mlp_body(shape=[2**62, 2**62, 0], data=[])), {}, 400, "is too large"),
+    ("zero-size binary shape too large for numpy", "mlp", ZERO_HEAD,
+     {HEADER_LENGTH: str(len(ZERO_HEAD))}, 400, "is too large"),
+    ("FP32 for a BF16 input", "dt_bfloat16",
+     raw({"inputs": [{"name": "x", "shape": [1, 2, 3], "datatype": "FP32",
+                      "data": [0.5] * 6}]}), {}, 400, "float32"),
     ("unknown model", "nope", raw(mlp_body()), {}, 404, "no worker serves model 'nope'"),
 ]  # fmt: skip
 
 
 async def queue_lengths(redis: aioredis.Redis) -> dict[str, int]:
-    return {m: await redis.xlen(KEYS.queue(m)) for m in ("mlp", "dt_int8", "nope")}
+    return {m: await redis.xlen(KEYS.queue(m)) for m in ("mlp", "dt_int8", "dt_bfloat16", "nope")}
 
 
 async def expect_error(response: aiohttp.ClientResponse, status: int, fragment: str) -> None:

@@ -4,6 +4,7 @@ bad submissions fail at once, SIGTERM drains without losing a request."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +90,46 @@ async def test_cnn_and_sync_client_and_lone_request_runs_alone(
     np.testing.assert_allclose(
         result.outputs["logits"], direct(models_dir, "cnn", x).numpy(), rtol=1e-4, atol=1e-5
     )
+
+
+async def test_a_reused_request_id_gets_the_new_answer(pool: PoolHandle, models_dir: Path) -> None:
+    """Ids are the producer's: re-running rows under their own ids within the
+    result TTL must answer the new inputs, at once, not the old result."""
+    first, second = np.zeros((1, 256), np.float32), np.ones((1, 256), np.float32)
+    async with AsyncClient(pool.redis_url) as client:
+        await client.wait(await client.submit("mlp", {"x": first}, request_id="row-7"), 30)
+        again = await client.wait(await client.submit("mlp", {"x": second}, request_id="row-7"), 30)
+    np.testing.assert_allclose(
+        again.outputs["y"], direct(models_dir, "mlp", second).numpy(), atol=1e-5
+    )
+
+
+async def test_a_bad_submission_fails_alone_and_the_client_reconnects(pool: PoolHandle) -> None:
+    """A submission that cannot be encoded (a timeout past any sane deadline)
+    fails with InvalidInput on its own, not the submitters sharing its round
+    trip; and a closed client connects again with its inbox reader."""
+    x = np.ones((1, 256), np.float32)
+    client = AsyncClient(pool.redis_url)
+    async with client:
+        outcomes = await asyncio.gather(
+            client.submit("mlp", {"x": x}),
+            client.submit("mlp", {"x": x}, timeout=1e17),
+            client.submit("mlp", {"x": x}, timeout=float("nan")),
+            client.submit("mlp", {"x": x}),
+            return_exceptions=True,
+        )
+        assert [type(o).__name__ for o in outcomes] == [
+            "str",
+            "InvalidInput",
+            "InvalidInput",
+            "str",
+        ]
+        for request_id in (outcomes[0], outcomes[3]):
+            assert (await client.wait(str(request_id), timeout=30)).status == "ok"
+    async with client:  # again: a result must come by the inbox, not by polling
+        request_id = await client.submit("mlp", {"x": x})
+        result = await asyncio.wait_for(client.wait(request_id, timeout=None), 30)
+    assert result.status == "ok"
 
 
 def test_sync_client_infer_and_fetch_by_id(pool: PoolHandle, models_dir: Path) -> None:

@@ -28,7 +28,7 @@ from producer import AsyncClient, Submission
 from tests.conftest import PoolHandle, wait_until, write_config
 
 KEYS = Keys()
-INBOX = "test:inbox"
+INBOX = "tq:inbox:test"
 
 
 def raw_request(request_id: str, *, deadline_ms: int | None = None, rows: int = 1) -> bytes:
@@ -318,6 +318,29 @@ def test_hostile_entries_never_kill_a_worker(
     assert sync_redis.xlen(KEYS.dead("mlp")) == unreadable
     assert sync_redis.xlen(KEYS.queue("mlp")) == 0
     assert sorted(int(w["pid"]) for w in pool.live_workers()) == pids  # type: ignore[call-overload]
+
+
+def test_a_reply_to_that_is_no_inbox_is_refused_and_touches_nothing(
+    config: Path, redis_url: str, sync_redis: redis.Redis, start_pool: Callable[..., PoolHandle]
+) -> None:
+    start_pool(config, redis_url, devices="cpu", workers=1)
+    queue = KEYS.queue("mlp")
+    x = np.full((1, 256), 0.5, np.float32)
+    for request_id, reply_to in [("at-the-stream", queue), ("empty", "tq:inbox:"), ("ok", INBOX)]:
+        request = Request(request_id, "mlp", {"x": x}, None, reply_to)
+        sync_redis.xadd(queue, {"req": pack_request(request)})
+    answers: Counter[str] = Counter()
+    statuses: Counter[str] = Counter()
+    collect(sync_redis, answers, statuses, until=1, timeout=60)
+    assert answers == {"ok": 1} and statuses == {"ok": 1}  # only the inbox got a push
+    for request_id in ("at-the-stream", "empty"):
+        key = KEYS.result(request_id)
+        wait_until(lambda k=key: bool(sync_redis.exists(k)), 30, "stored answer")  # type: ignore[misc]
+        stored = unpack_result(sync_redis.get(key))  # type: ignore[arg-type]
+        assert (stored.status, stored.error_code) == ("error", "invalid_input")
+        assert "is not an inbox key" in stored.error_message
+    assert sync_redis.type(queue) == b"stream"
+    assert sync_redis.ttl(queue) == -1  # not made to expire
 
 
 def test_poison_request_goes_to_dead_letters_and_spares_its_batch(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from common.errors import RedisUnavailable, RequestTimeout
 from common.keys import CONSUMER_GROUP, Keys
 from common.redis_conn import pooled_client
 from common.settings import load_settings
-from producer import AsyncClient, Submission
+from producer import AsyncClient, Client, Submission
 from tests.conftest import ROOT, PoolHandle, async_wait_until, wait_until, write_config
 
 KEYS = Keys()
@@ -92,8 +94,6 @@ def test_password_and_acl_urls(
         url = f"redis://:s3cret@127.0.0.1:{port}/0"
         start_pool(config, url)
         for good in (url, f"redis://alice:alicepw@127.0.0.1:{port}/0"):
-            from producer import Client
-
             with Client(good) as client:
                 assert client.infer("mlp", {"x": X}, timeout=30)["y"].shape == (1, 10)
         wrong = f"redis://:hunter2@127.0.0.1:{port}/0"
@@ -224,27 +224,97 @@ async def test_a_failed_side_loop_drains_the_worker_and_reports_it(
     assert sync_redis.xpending(KEYS.queue("mlp"), CONSUMER_GROUP)["pending"] == 0
 
 
-async def test_a_request_answered_already_keeps_its_first_result(
+def test_a_worker_restarted_while_redis_is_down_waits_for_it(
+    tmp_path: Path, config: Path, start_pool: Callable[..., PoolHandle]
+) -> None:
+    """A worker that served, died, and cannot reach Redis on restart is
+    retried with backoff: the pool does not take it for a bad config."""
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = EmbeddedRedis(directory=directory)
+    url = server.start()
+    try:
+        pool = start_pool(config, url, devices="cpu", workers=1)
+        victim = int(str(pool.live_workers()[0]["pid"]))
+        server.stop()
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: "cannot reach Redis" in pool.log(), 60, "a restart that fails")
+        assert pool.process.poll() is None  # the pool carries on
+        server.start()
+        wait_until(lambda: len(pool.live_workers()) == 1, 90, "the worker back, serving")
+        with Client(url) as client:
+            out = client.infer("mlp", {"x": X}, timeout=60)
+        assert out["y"].shape == (1, 10)
+        assert pool.process.poll() is None
+    finally:
+        server.stop()
+
+
+async def test_a_failed_batch_loop_drains_and_a_restart_answers_everything(
+    tmp_path: Path, models_dir: Path, redis_url: str, sync_redis: redis.Redis
+) -> None:
+    """Anything escaping the batch loop (here: assembling a batch) stops the
+    worker instead of leaving it reading and renewing leases on requests it
+    will never compute; its restart under the same name answers them."""
+    from worker.execution import DeviceExecutor
+    from worker.registry import load_model
+    from worker.service import WorkerService
+
+    settings = load_settings(
+        write_config(tmp_path / "t.toml", models_dir), overrides={"redis.url": redis_url}
+    )
+    executor = DeviceExecutor("cpu")
+    model = load_model(settings.model("mlp"), "cpu", executor.run_one)
+    sync_redis.hset(KEYS.models, "mlp", model.spec.to_json())
+    connection = pooled_client(settings.redis)
+
+    def service() -> WorkerService:
+        return WorkerService(
+            settings=settings, redis=connection, models=[model], executor=executor,
+            name="in-process", device_info={"device": "cpu:0"},
+        )  # fmt: skip
+
+    async with AsyncClient(redis_url) as client:
+        ids = await client.submit_many([Submission("mlp", {"x": X}) for _ in range(20)])
+        broken = service()
+
+        def failing_assemble(*args: object) -> None:
+            raise MemoryError("injected: cannot allocate the staging buffer")
+
+        broken.executor = type(executor)("cpu")
+        broken.executor.assemble = failing_assemble  # type: ignore[method-assign,assignment]
+        await asyncio.wait_for(broken.run(), 30)  # stops by itself
+        assert isinstance(broken.failure, MemoryError)
+        assert sync_redis.xpending(KEYS.queue("mlp"), CONSUMER_GROUP)["pending"] == 20
+        restarted = service()
+        task = asyncio.create_task(restarted.run())
+        results = [await client.wait(i, timeout=30) for i in ids]
+        restarted.request_stop()
+        await task
+    await connection.aclose()
+    assert [r.status for r in results] == ["ok"] * 20
+    assert restarted.failure is None
+    restarted._on_control({"op": "reload", "model": ["mlp"]})  # malformed: ignored, no raise
+
+
+async def test_a_commit_of_ten_thousand_results_acks_them_all(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    """A late commit for a request another worker answered (its entries were
-    reclaimed while it was cut off) writes nothing and pushes nothing."""
-    from common.envelope import Result, pack_result, unpack_result
+    """Past Lua's unpack limit (about 8,000 values) the acks go in chunks."""
     from worker.commit import Committer
     from worker.lanes import Outcome
 
-    queue, inbox = KEYS.queue("mlp"), "test:commit-inbox"
+    queue = KEYS.queue("mlp")
     sync_redis.xgroup_create(queue, CONSUMER_GROUP, id="0", mkstream=True)
-    entry = sync_redis.xadd(queue, {"req": b"r"})
-    sync_redis.xreadgroup(CONSUMER_GROUP, "first", {queue: ">"})
+    pipe = sync_redis.pipeline(transaction=False)
+    for _ in range(10_000):
+        pipe.xadd(queue, {"req": b"r"})
+    entries = pipe.execute()
+    sync_redis.xreadgroup(CONSUMER_GROUP, "w", {queue: ">"}, count=10_000)
     connection = pooled_client(load_settings(env={}, overrides={"redis.url": redis_url}).redis)
-    committer = Committer(connection, KEYS, 60)
-    first = pack_result(Result.failure("req-1", "error", "model_error", "from the first"))
-    late = pack_result(Result.failure("req-1", "error", "model_error", "from the late one"))
-    await committer.commit([Outcome(queue, entry, "req-1", inbox, first)])
-    await committer.commit([Outcome(queue, entry, "req-1", inbox, late)])
+    outcomes = [Outcome(queue, e, f"big-{i}", None, b"x") for i, e in enumerate(entries)]
+    assert await Committer(connection, KEYS, 60).commit(outcomes) == 0
     await connection.aclose()
-    stored = unpack_result(sync_redis.get(KEYS.result("req-1")))  # type: ignore[arg-type]
-    assert stored.error_message == "from the first"
-    assert sync_redis.lrange(inbox, 0, -1) == [first]
     assert sync_redis.xpending(queue, CONSUMER_GROUP)["pending"] == 0
+    assert sync_redis.xlen(queue) == 0
+    assert sync_redis.exists(KEYS.result("big-9999"))

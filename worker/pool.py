@@ -70,6 +70,7 @@ class _Child:
     failures: int = 0
     restart_at: float | None = None
     ready: Any = None  # multiprocessing Event the child sets once serving
+    served: bool = False  # some process of this slot has served
 
 
 class WorkerPool:
@@ -142,7 +143,13 @@ class WorkerPool:
                     self.metrics.child_died(process.pid)
                 process.close()
                 child.process = None
-                if code == EXIT_FATAL:
+                served = child.ready is not None and child.ready.is_set()
+                child.served = child.served or served
+                # A slot that never served cannot start (bad config, Redis
+                # unreachable): stop with the error. One that served before
+                # and cannot come back (Redis down for a moment, a model file
+                # mid-replacement) keeps retrying with backoff.
+                if code == EXIT_FATAL and not child.served:
                     log.error("worker %s cannot start (see its log); stopping the pool", child.name)
                     self.exit_code = EXIT_FATAL
                     self._stop = True
@@ -150,7 +157,6 @@ class WorkerPool:
                 ran = now - child.started
                 # A worker that died while serving restarts at once; one that
                 # dies before it is ready is crash-looping and backs off.
-                served = child.ready is not None and child.ready.is_set()
                 child.failures = 0 if served else child.failures + 1
                 delay = min(30.0, 0.25 * 2**child.failures)
                 child.restart_at = now + delay

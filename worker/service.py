@@ -212,6 +212,10 @@ class WorkerService:
         writer.add_done_callback(self._writer_ended)
         try:
             await self._batch_loop()
+        except Exception as exc:  # a bug, or a fault of the device: restart, re-read
+            log.error("batch loop failed", exc_info=exc)
+            self.failure = self.failure or exc
+            self.request_stop()
         finally:
             await self._writes.put(None)
             await writer
@@ -285,6 +289,12 @@ class WorkerService:
                 if raw is None:
                     raise ProtocolError(f"stream entry has no {REQUEST_FIELD!r} field")
                 request = unpack_request(raw, self.settings.limits.codec())
+                if request.reply_to is not None and not self.keys.is_inbox(request.reply_to):
+                    raise InvalidInput(
+                        f"reply_to {request.reply_to!r:.80} is not an inbox key "
+                        f"({self.keys.inbox('<client>')})",
+                        request_id=request.id,
+                    )
                 if request.model != lane.model.name:
                     raise InvalidInput(
                         f"request for model {request.model!r} on the queue of {lane.model.name!r}",
@@ -616,8 +626,9 @@ class WorkerService:
 
     def _on_control(self, message: dict[str, Any]) -> None:
         served = {lane.model.name for lane in self.lanes}
-        if message.get("op") == "reload" and message.get("model") in served:
-            self._reloads.put_nowait(str(message["model"]))
+        model = message.get("model")
+        if message.get("op") == "reload" and isinstance(model, str) and model in served:
+            self._reloads.put_nowait(model)
 
     async def _reload_loop(self) -> None:
         """Load the new version beside the old one (in a loader thread, warmed

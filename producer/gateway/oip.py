@@ -258,7 +258,10 @@ def _parse_input(
             f"{where}: binary data ends at byte {len(binary)}, the tensor needs up to "
             f"{offset + size}"
         )
-    array = np.frombuffer(binary, dtype=storage, count=count, offset=offset).reshape(shape)
+    try:
+        array = np.frombuffer(binary, dtype=storage, count=count, offset=offset).reshape(shape)
+    except (ValueError, OverflowError):  # zero-size shape with a dim numpy cannot hold
+        raise ProtocolError(f"{where}: shape {shape} is too large") from None
     if wire == "bool" and count and int(array.view(np.uint8).max()) > 1:
         raise ProtocolError(f"{where}: BOOL binary data must be bytes 0 or 1")
     return name, array, size
@@ -280,7 +283,10 @@ def _from_json(data: object, wire: str, shape: Sequence[int], where: str) -> np.
     kind = values.dtype.kind
     storage = WIRE_DTYPES[wire]
     if count == 0:
-        return np.zeros(shape, dtype=storage)
+        try:
+            return np.zeros(shape, dtype=storage)
+        except (ValueError, OverflowError):  # a dim numpy cannot hold
+            raise ProtocolError(f"{where}: shape {list(shape)} is too large") from None
     if wire == "bool":
         if kind != "b":
             raise ProtocolError(f"{where}: BOOL data must be true/false values")

@@ -69,7 +69,11 @@ class Gateway:
         timeout: float | None,
         priority: int = 0,
     ) -> str:
-        inputs = await client_inputs(arrays, spec) if takes_bf16(spec) else arrays
+        if takes_bf16(spec):  # converted for the client below: check the wire arrays first
+            spec.check_inputs(arrays, request_id=request_id)
+            inputs = await client_inputs(arrays, spec)
+        else:
+            inputs = arrays
         return await self.client.submit(
             spec.name, inputs, request_id=request_id, timeout=timeout, priority=priority
         )
