@@ -27,6 +27,7 @@ from redis.exceptions import (
     ConnectionError,
     RedisClusterException,
     RedisError,
+    SlotNotCoveredError,
     TimeoutError,
 )
 
@@ -74,12 +75,13 @@ class _Cluster(RedisCluster):
     node drops out mid-command. While the topology changes, redis-py 8.1 can
     fail with AttributeError on a connection or node it has just discarded
     (redis/redis-py#3835; seen here during a failover: 'NoneType' object has
-    no attribute 'writelines'), which no caller's RedisError retry would catch."""
+    no attribute 'writelines'), or with SlotNotCoveredError while a slot has
+    no master; neither is a RedisError, so no caller's retry would catch them."""
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().execute_command(*args, **kwargs)
-        except AttributeError as exc:
+        except (AttributeError, SlotNotCoveredError) as exc:
             raise ConnectionError(f"cluster node lost mid-command ({exc})") from exc
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
@@ -92,7 +94,7 @@ class _ClusterPipeline(ClusterPipeline):
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
         try:
             return await super().execute(raise_on_error, allow_redirections)
-        except AttributeError as exc:
+        except (AttributeError, SlotNotCoveredError) as exc:
             raise ConnectionError(f"cluster node lost mid-pipeline ({exc})") from exc
 
 

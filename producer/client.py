@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Coroutine, Mapping, Sequence
+from concurrent.futures import CancelledError
 from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -86,6 +87,9 @@ class _Prepared:
     limit: int
     payload: bytes
 
+
+# How long a wait that timed out still looks for a stored result.
+STORED_LOOK_S = 1.0
 
 # Longest timeout a request may carry: its deadline must stay a sane int64 of ms.
 MAX_TIMEOUT_S = 10 * 365 * 24 * 3600.0
@@ -359,7 +363,8 @@ class AsyncClient:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
-            stored = await self._get_stored(request_id)  # an inbox push may have been lost
+            # an inbox push may have been lost: one last look, briefly
+            stored = await self._get_stored(request_id, STORED_LOOK_S)
             if stored is not None:
                 return stored
             raise RequestTimeout(f"no result within {timeout}s", request_id=request_id) from None
@@ -397,7 +402,8 @@ class AsyncClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.005
         while True:
-            stored = await self._get_stored(request_id)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            stored = await self._get_stored(request_id, STORED_LOOK_S if left is None else left)
             if stored is not None:
                 return stored
             if deadline is not None and time.monotonic() + delay > deadline:
@@ -405,10 +411,14 @@ class AsyncClient:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
-    async def _get_stored(self, request_id: str) -> Result | None:
+    async def _get_stored(self, request_id: str, within_s: float) -> Result | None:
+        """The stored result, or None if there is none or Redis does not
+        answer within ``within_s`` (a stalled Redis must not stretch a
+        caller's timeout by the client's retries)."""
         try:
-            raw: Any = await self.redis.get(self.keys.result(request_id))
-        except RedisError:
+            async with asyncio.timeout(max(within_s, 0.05)):
+                raw: Any = await self.redis.get(self.keys.result(request_id))
+        except (RedisError, TimeoutError):
             return None
         return unpack_result(raw, self.settings.limits.codec()) if raw else None
 
@@ -492,10 +502,11 @@ class Client:
     private uvloop event loop in a background thread."""
 
     def __init__(self, redis_url: str | None = None, **kwargs: Any) -> None:
+        self._async = AsyncClient(redis_url, **kwargs)  # bad arguments raise before a thread
+        self._closed = False
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
-        self._async = AsyncClient(redis_url, **kwargs)
         try:
             self._run(self._async.connect())
         except BaseException:
@@ -503,8 +514,14 @@ class Client:
             raise
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise TensorQError("the client is closed")
         future: ThreadFuture[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        return future.result()
+        try:
+            return future.result()
+        except CancelledError:  # close() from another thread ended this call
+            raise TensorQError("the client was closed while this call waited") from None
 
     def submit(self, model: str, inputs: Mapping[str, Any], **kwargs: Any) -> str:
         return self._run(self._async.submit(model, inputs, **kwargs))
@@ -532,12 +549,23 @@ class Client:
         return self._run(self._async.models(refresh=refresh))
 
     def close(self) -> None:
+        """Close; calls other threads are still waiting in end with TensorQError."""
+        if self._closed:
+            return
         try:
             self._run(self._async.close())
         finally:
+            self._closed = True
             self._stop_loop()
 
     def _stop_loop(self) -> None:
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel_the_rest(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
         self._loop.close()

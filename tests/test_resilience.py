@@ -318,3 +318,61 @@ async def test_a_commit_of_ten_thousand_results_acks_them_all(
     assert sync_redis.xpending(queue, CONSUMER_GROUP)["pending"] == 0
     assert sync_redis.xlen(queue) == 0
     assert sync_redis.exists(KEYS.result("big-9999"))
+
+
+async def test_waits_end_on_time_while_redis_is_stalled(tmp_path: Path, models_dir: Path) -> None:
+    """A Redis that stops answering (here: SIGSTOPped) must not stretch a
+    wait's timeout by the client's connection retries (it did: minutes)."""
+
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = EmbeddedRedis(directory=directory)
+    url = server.start()
+    settings = load_settings(
+        write_config(tmp_path / "t.toml", models_dir), overrides={"redis.url": url}
+    )
+    spec = settings.model("mlp").spec("v")
+    assert server.process is not None
+    try:
+        redis.Redis.from_url(url).hset(KEYS.models, "mlp", spec.to_json())
+        async with AsyncClient(url) as client:
+            request_id = await client.submit("mlp", {"x": X})  # no worker: never answered
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                for waited in (request_id, "another-clients-request"):
+                    with pytest.raises(RequestTimeout):
+                        await asyncio.wait_for(client.wait(waited, timeout=1), 20)
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+    finally:
+        server.stop()
+
+
+def test_closing_a_sync_client_ends_the_calls_other_threads_wait_in(redis_url: str) -> None:
+    import threading
+
+    from common.errors import TensorQError
+
+    threads_before = threading.active_count()
+    with pytest.raises(TensorQError):
+        Client("")  # no URL: refused before any thread starts
+    assert threading.active_count() == threads_before
+    client = Client(redis_url)
+    outcome: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            client.wait("nobody-will-answer", timeout=None)
+        except BaseException as exc:  # the outcome is the assertion
+            outcome.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    # the wait is under way on the client's loop (its only task: nothing submitted)
+    wait_until(lambda: bool(asyncio.all_tasks(client._loop)), 10, "the wait under way")
+    client.close()
+    client.close()  # twice is harmless
+    thread.join(20)
+    assert not thread.is_alive(), "a call outlived close()"
+    assert len(outcome) == 1 and isinstance(outcome[0], TensorQError)
+    assert "closed" in str(outcome[0])

@@ -63,6 +63,12 @@ def test_status_page_matches_tensorq_status(
             client.infer("mlp", {"x": np.ones((2, 256), np.float32)}, timeout=30)
     sync = redis.Redis.from_url(redis_url)
     sync.xadd("tq:dead:seq", {"req": b"", "reason": "test"})
+
+    def heartbeats_caught_up() -> bool:  # from here on the counters stand still
+        records = [json.loads(v) for v in sync.hgetall("tq:workers").values()]
+        return sum(int(r["requests"]) for r in records) == 100
+
+    wait_until(heartbeats_caught_up, 30, "heartbeats counting all 100 requests")
     sync.close()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import secrets
 import signal
 import socket
 import time
@@ -85,8 +86,11 @@ class WorkerPool:
     ) -> None:
         self.settings = settings
         self.logging_setup = logging_setup
-        # Stable per parent and slot: a restarted child re-reads its own pending entries.
-        prefix = f"{socket.gethostname()}-{os.getpid()}"
+        # Stable per parent and slot: a restarted child re-reads its own pending
+        # entries. The token keeps two pools apart whose hosts share a name and
+        # a pid (containers with a fixed hostname, the pool as pid 1): sharing a
+        # consumer name, they would process and bury each other's entries.
+        prefix = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
         self.children = [_Child(slot, f"{prefix}-{slot.label}") for slot in slots]
         port = settings.worker.metrics_port
         self.metrics = MetricsServer(port) if port > 0 else None

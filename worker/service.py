@@ -656,8 +656,7 @@ class WorkerService:
                 continue
             for lane in lanes:
                 lane.model = new
-            await self._publish_models()
-            await self._heartbeat()
+            await self._heartbeat()  # republishes the models too; logs a Redis error
             log.info(
                 "model reloaded: %s version %s -> %s", name, old.spec.version, new.spec.version
             )
