@@ -21,7 +21,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
     AuthenticationError,
     ConnectionError,
@@ -98,7 +98,9 @@ class _ClusterPipeline(ClusterPipeline):
             raise ConnectionError(f"cluster node lost mid-pipeline ({exc})") from exc
 
 
-def cluster_client(settings: RedisSettings, *, socket_timeout: float) -> aioredis.Redis:
+def cluster_client(
+    settings: RedisSettings, *, socket_timeout: float, retry: Retry | None = None
+) -> aioredis.Redis:
     """A RedisCluster (see ``cluster_nodes``). Connections are per node;
     redis-py's cluster pool cannot wait for a free one, so ``max_connections``
     bounds each node's pool and a burst past it raises."""
@@ -107,7 +109,7 @@ def cluster_client(settings: RedisSettings, *, socket_timeout: float) -> aioredi
         startup_nodes=[ClusterNode(host, port) for host, port in nodes],
         max_connections=settings.max_connections,
         socket_timeout=socket_timeout,
-        retry=_retry(),
+        retry=retry or _retry(),
         **options,
     )
     return cast(aioredis.Redis, cluster)
@@ -157,16 +159,28 @@ def pooled_client(settings: RedisSettings) -> aioredis.Redis:
 
 def blocking_client(settings: RedisSettings, block_ms: int) -> aioredis.Redis:
     """A single-connection client for one blocking reader (XREADGROUP/BLMPOP);
-    on Cluster a client of its own, so the read holds no shared pool slot."""
+    on Cluster a client of its own, so the read holds no shared pool slot.
+
+    Never retried transparently: a read whose reply was lost has already
+    moved entries (delivered to us, popped from an inbox), and only its
+    caller knows how to recover them (re-read its own pending entries, sweep
+    stored results). redis-py's cluster client resends a command after a
+    connection error, which would hide the loss (until the visibility
+    timeout); the single-node client does not by default, and is told so."""
     socket_timeout = block_ms / 1000 + settings.socket_timeout_s
     if settings.is_cluster:
-        return cluster_client(settings, socket_timeout=socket_timeout)
+        return cluster_client(settings, socket_timeout=socket_timeout, retry=_no_retry())
     return aioredis.Redis.from_url(
         settings.url,
         single_connection_client=True,
         socket_timeout=socket_timeout,
         socket_connect_timeout=settings.connect_timeout_s,
+        retry=_no_retry(),
     )
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), retries=0)
 
 
 async def check_reachable(client: aioredis.Redis, url: str) -> None:

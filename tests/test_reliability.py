@@ -4,9 +4,11 @@ processes. Every request ends in exactly one terminal result or stays queued."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -246,6 +248,85 @@ def test_a_worker_whose_pool_died_drains_and_exits(
 
     wait_until(exited, 30, "the orphaned worker to exit")
     assert "is gone" in pool.log()
+
+
+class ReplyDropper:
+    """A TCP proxy to a unix-socket Redis that, once, closes the connection
+    instead of passing on a large reply (a delivery lost in transit)."""
+
+    def __init__(self, upstream_path: str, threshold: int) -> None:
+        self.upstream_path = upstream_path
+        self.threshold = threshold
+        self.dropped = threading.Event()
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
+        ready.wait(10)
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._connection, "127.0.0.1", 0)
+        )
+        self.port = server.sockets[0].getsockname()[1]
+        ready.set()
+        self._loop.run_forever()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(self.upstream_path)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
+            while data := await src.read(65536):
+                if replies and len(data) > self.threshold and not self.dropped.is_set():
+                    self.dropped.set()
+                    break
+                dst.write(data)
+                await dst.drain()
+            for side in (writer, up_writer):
+                side.close()
+
+        await asyncio.gather(
+            pipe(reader, up_writer, False), pipe(up_reader, writer, True), return_exceptions=True
+        )
+
+    def stop(self) -> None:
+        async def close_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def test_a_delivery_lost_in_transit_is_read_again_at_once(
+    config: Path, redis_url: str, sync_redis: redis.Redis, start_pool: Callable[..., PoolHandle]
+) -> None:
+    """The reply of an XREADGROUP is lost with its connection: the entries are
+    delivered (pending) but never seen. The worker must notice (no transparent
+    resend, which would hide the loss) and re-read its own pending entries,
+    long before the visibility timeout would hand them to anyone."""
+    proxy = ReplyDropper(redis_url.removeprefix("unix://"), threshold=4000)
+    try:
+        pool = start_pool(
+            config, f"redis://127.0.0.1:{proxy.port}/0", devices="cpu", workers=1,
+            env={"TQ_WORKER_CLAIM_IDLE_MS": "600000"},
+        )  # fmt: skip
+        ids = [f"transit-{i}" for i in range(8)]  # ~9 KB of entries: one large reply
+        pipe = sync_redis.pipeline(transaction=False)
+        for request_id in ids:
+            pipe.xadd(KEYS.queue("mlp"), {"req": raw_request(request_id)})
+        pipe.execute()
+        answers: Counter[str] = Counter()
+        statuses: Counter[str] = Counter()
+        collect(sync_redis, answers, statuses, until=len(ids), timeout=60)
+        assert proxy.dropped.is_set()  # the loss happened
+        assert set(answers) == set(ids) and statuses == {"ok": len(ids)}
+        assert pool.stop() == 0  # while the proxy still carries its connections
+    finally:
+        proxy.stop()
 
 
 def test_hostile_entries_never_kill_a_worker(

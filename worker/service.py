@@ -604,7 +604,7 @@ class WorkerService:
         idle_ms = self.settings.worker.claim_idle_ms
         while not self._finishing.is_set():
             await wait_any(self._finishing, timeout=idle_ms / 2000)
-            if self._finishing.is_set():
+            if self._stopping.is_set():  # a draining worker takes on nothing new
                 return
             for lane in self.lanes:
                 try:
