@@ -18,6 +18,7 @@ import random
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import CancelledError
 from concurrent.futures import Future as ThreadFuture
@@ -88,6 +89,9 @@ class _Prepared:
     payload: bytes
 
 
+# How long a delivered result waits in memory for its wait() call.
+UNCLAIMED_S = 60.0
+
 # How long a wait that timed out still looks for a stored result.
 STORED_LOOK_S = 1.0
 
@@ -99,6 +103,18 @@ MAX_TIMEOUT_S = 10 * 365 * 24 * 3600.0
 class _Inbox:
     key: str
     waiters: dict[str, asyncio.Future[Result]] = field(default_factory=dict)
+    # (delivered at, id) of results no wait() has taken yet, oldest first
+    unclaimed: deque[tuple[float, str]] = field(default_factory=deque)
+
+    def forget_unclaimed(self, older_than_s: float) -> None:
+        """Drop results delivered long ago that nobody waited for (submit
+        and forget); a late wait() reads them from Redis by id instead."""
+        horizon = time.monotonic() - older_than_s
+        while self.unclaimed and self.unclaimed[0][0] <= horizon:
+            _, request_id = self.unclaimed.popleft()
+            future = self.waiters.get(request_id)
+            if future is not None and future.done():
+                del self.waiters[request_id]
 
 
 class AsyncClient:
@@ -470,6 +486,8 @@ class AsyncClient:
             future = self._inbox.waiters.get(result.id)
             if future is not None and not future.done():
                 future.set_result(result)
+                self._inbox.unclaimed.append((time.monotonic(), result.id))
+        self._inbox.forget_unclaimed(UNCLAIMED_S)
 
     async def _call(self, awaitable: Any) -> Any:
         try:

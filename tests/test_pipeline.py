@@ -19,7 +19,7 @@ import torch
 from common.errors import InvalidInput, ProtocolError, RedisUnavailable, UnknownModel
 from common.keys import Keys
 from producer import AsyncClient, Submission
-from tests.conftest import PoolHandle, wait_until, write_config
+from tests.conftest import PoolHandle, async_wait_until, wait_until, write_config
 
 KEYS = Keys()
 
@@ -130,6 +130,22 @@ async def test_a_bad_submission_fails_alone_and_the_client_reconnects(pool: Pool
         request_id = await client.submit("mlp", {"x": x})
         result = await asyncio.wait_for(client.wait(request_id, timeout=None), 30)
     assert result.status == "ok"
+
+
+async def test_results_nobody_waits_for_do_not_pile_up_in_the_client(
+    pool: PoolHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Submit and forget: delivered results not claimed by a wait() are let go
+    after UNCLAIMED_S (0 here); a late wait() still gets them, from Redis."""
+    import producer.client
+
+    monkeypatch.setattr(producer.client, "UNCLAIMED_S", 0.0)
+    x = np.ones((1, 256), np.float32)
+    async with AsyncClient(pool.redis_url) as client:
+        ids = [await client.submit("mlp", {"x": x}) for _ in range(3)]
+        await async_wait_until(lambda: not client._inbox.waiters, 30, "every result let go")
+        late = await client.wait(ids[0], timeout=10)
+    assert late.status == "ok" and late.id == ids[0]
 
 
 def test_sync_client_infer_and_fetch_by_id(pool: PoolHandle, models_dir: Path) -> None:
