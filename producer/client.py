@@ -207,7 +207,14 @@ class AsyncClient:
     async def models(self, *, refresh: bool = False) -> dict[str, ModelSpec]:
         if refresh or not self._specs:
             raw = await self._call(self.redis.hgetall(self.keys.models))
-            self._specs = {k.decode(): ModelSpec.from_json(v) for k, v in raw.items()}
+            specs = {}
+            for name, text in raw.items():
+                try:
+                    specs[name.decode(errors="replace")] = ModelSpec.from_json(text)
+                except (ValueError, KeyError, TypeError, TensorQError) as exc:
+                    log.warning("ignoring the unreadable spec of %r in %s: %r",
+                                name, self.keys.models, exc)  # fmt: skip
+            self._specs = specs
         return dict(self._specs)
 
     async def spec(self, model: str) -> ModelSpec:
@@ -350,7 +357,14 @@ class AsyncClient:
             name: as_wire_array(value, name=f"input {name!r}")
             for name, value in submission.inputs.items()
         }
-        spec.check_inputs(arrays, request_id=request_id)
+        try:
+            spec.check_inputs(arrays, request_id=request_id)
+        except InvalidInput:  # a hot reload may have changed the signature since we read it
+            fresh = (await self.models(refresh=True)).get(submission.model)
+            if fresh is None or fresh == spec:
+                raise
+            spec = fresh
+            spec.check_inputs(arrays, request_id=request_id)
         deadline = None
         if submission.timeout is not None:
             timeout = submission.timeout

@@ -376,3 +376,27 @@ def test_closing_a_sync_client_ends_the_calls_other_threads_wait_in(redis_url: s
     assert not thread.is_alive(), "a call outlived close()"
     assert len(outcome) == 1 and isinstance(outcome[0], TensorQError)
     assert "closed" in str(outcome[0])
+
+
+async def test_a_client_follows_a_model_whose_signature_changed(
+    redis_url: str, sync_redis: redis.Redis
+) -> None:
+    """A hot reload may change a model's input shape under a live client: the
+    client re-reads the registry before refusing. An unreadable registry
+    entry is skipped, not fatal to every lookup."""
+    from common.errors import InvalidInput
+    from common.spec import ModelSpec, TensorSpec
+
+    def spec(width: int) -> ModelSpec:
+        return ModelSpec("m", (TensorSpec("x", "float32", (width,)),),
+                         (TensorSpec("y", "float32", (2,)),))  # fmt: skip
+
+    sync_redis.hset(KEYS.models, mapping={"m": spec(4).to_json(), "broken": "{not json"})
+    async with AsyncClient(redis_url) as client:
+        await client.submit("m", {"x": np.ones((1, 4), np.float32)})
+        sync_redis.hset(KEYS.models, "m", spec(8).to_json())  # the reload
+        await client.submit("m", {"x": np.ones((1, 8), np.float32)})
+        with pytest.raises(InvalidInput, match="shape"):  # the old shape is now refused
+            await client.submit("m", {"x": np.ones((1, 4), np.float32)})
+        assert set(await client.models(refresh=True)) == {"m"}
+    assert sync_redis.xlen(KEYS.queue("m")) == 2
