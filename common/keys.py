@@ -73,7 +73,8 @@ class Keys:
 
     def is_inbox(self, key: str) -> bool:
         """Whether ``key`` names an inbox (a request's ``reply_to`` must)."""
-        return key.startswith(f"{self.prefix}:inbox:") and len(key) > len(self.prefix) + 7
+        empty = self.inbox("")
+        return key.startswith(empty) and len(key) > len(empty)
 
     def dead(self, model: str) -> str:
         return f"{self.prefix}:dead:{self._tag(model)}"

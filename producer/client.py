@@ -184,6 +184,7 @@ class AsyncClient:
         for future in self._inbox.waiters.values():
             future.cancel()
         self._inbox.waiters.clear()
+        self._inbox.unclaimed.clear()
         if self._given_redis is None:
             await self._redis.aclose()
         self._redis = None

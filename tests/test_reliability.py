@@ -187,16 +187,14 @@ class Slow(torch.nn.Module):
 
 
 def test_a_batch_longer_than_the_visibility_timeout_keeps_its_lease(
-    tmp_path: Path, config: Path, redis_url: str, sync_redis: redis.Redis,
+    tmp_path: Path, models_dir: Path, redis_url: str, sync_redis: redis.Redis,
     start_pool: Callable[..., PoolHandle],
 ) -> None:  # fmt: skip
     """Batches taking several claim_idle_ms each, two workers watching each
     other's entries: lease renewal keeps them from being reclaimed, so no
     request is computed or answered twice."""
     torch.jit.script(Slow().eval()).save(str(tmp_path / "slow.pt"))  # type: ignore[no-untyped-call]
-    config.write_text(
-        config.read_text()
-        + f"""
+    slow_model = f"""
 [[models]]
 name = "slow"
 path = "{tmp_path / "slow.pt"}"
@@ -211,7 +209,7 @@ max_delay_ms = 0
   dtype = "float32"
   shape = [10]
 """
-    )
+    config = write_config(tmp_path / "slow.toml", models_dir, extra=slow_model)
     pool = start_pool(config, redis_url, env={"TQ_WORKER_CLAIM_IDLE_MS": "400"})
     x = np.zeros((1, 256), np.float32)
     x[0, 0] = 3_000_000  # about 1.5 s of forward here, several visibility timeouts

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -25,6 +26,9 @@ from common.redis_conn import pooled_client
 from common.settings import load_settings
 from producer import AsyncClient, Client, Submission
 from tests.conftest import ROOT, PoolHandle, async_wait_until, wait_until, write_config
+
+if TYPE_CHECKING:
+    from worker.service import WorkerService
 
 KEYS = Keys()
 X = np.ones((1, 256), np.float32)
@@ -119,23 +123,40 @@ def test_password_and_acl_urls(
         server.stop()
 
 
+class InProcessWorker:
+    """A worker serving ``mlp`` inside the test's own event loop, so a test
+    can patch a fault into it; ``service()`` makes one (again: a restart
+    under the same consumer name)."""
+
+    def __init__(
+        self, tmp_path: Path, models_dir: Path, redis_url: str, **overrides: object
+    ) -> None:
+        from worker.execution import DeviceExecutor
+        from worker.registry import load_model
+
+        self.settings = load_settings(
+            write_config(tmp_path / "t.toml", models_dir),
+            overrides={"redis.url": redis_url, **overrides},
+        )
+        self.executor = DeviceExecutor("cpu")
+        self.model = load_model(self.settings.model("mlp"), "cpu", self.executor.run_one)
+        self.connection = pooled_client(self.settings.redis)
+
+    def service(self) -> WorkerService:
+        from worker.service import WorkerService
+
+        return WorkerService(
+            settings=self.settings, redis=self.connection, models=[self.model],
+            executor=self.executor, name="in-process", device_info={"device": "cpu:0"},
+        )  # fmt: skip
+
+
 async def test_failed_result_write_leaves_the_request_pending_then_answers_it(
     tmp_path: Path, models_dir: Path, redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    from worker.execution import DeviceExecutor
-    from worker.registry import load_model
-    from worker.service import WorkerService
-
-    settings = load_settings(
-        write_config(tmp_path / "t.toml", models_dir), overrides={"redis.url": redis_url}
-    )
-    executor = DeviceExecutor("cpu")
-    model = load_model(settings.model("mlp"), "cpu", executor.run_one)
-    connection = pooled_client(settings.redis)
-    service = WorkerService(
-        settings=settings, redis=connection, models=[model], executor=executor,
-        name="in-process", device_info={"device": "cpu:0"},
-    )  # fmt: skip
+    worker = InProcessWorker(tmp_path, models_dir, redis_url)
+    connection = worker.connection
+    service = worker.service()
     real_write = service._write
     pending_at_write: list[int] = []
 
@@ -189,22 +210,9 @@ async def test_a_failed_side_loop_drains_the_worker_and_reports_it(
     """A loop that raises past its own retries (here: reclaim) does not leave
     the worker serving without it: it drains, answering what it holds, and
     ``failure`` makes the worker process exit non-zero for the pool to restart."""
-    from worker.execution import DeviceExecutor
-    from worker.registry import load_model
-    from worker.service import WorkerService
-
-    settings = load_settings(
-        write_config(tmp_path / "t.toml", models_dir),
-        overrides={"redis.url": redis_url, "worker.claim_idle_ms": 200},
-    )
-    executor = DeviceExecutor("cpu")
-    model = load_model(settings.model("mlp"), "cpu", executor.run_one)
-    connection = pooled_client(settings.redis)
-    service = WorkerService(
-        settings=settings, redis=connection, models=[model], executor=executor,
-        name="in-process", device_info={"device": "cpu:0"},
-    )  # fmt: skip
-    sync_redis.hset(KEYS.models, "mlp", model.spec.to_json())  # as the worker will
+    worker = InProcessWorker(tmp_path, models_dir, redis_url, **{"worker.claim_idle_ms": 200})
+    service = worker.service()
+    sync_redis.hset(KEYS.models, "mlp", worker.model.spec.to_json())  # as the worker will
     async with AsyncClient(redis_url) as client:
         ids = await client.submit_many([Submission("mlp", {"x": X}) for _ in range(20)])
         reclaims = 0
@@ -217,7 +225,7 @@ async def test_a_failed_side_loop_drains_the_worker_and_reports_it(
         service.recovery.reclaim = broken_reclaim  # type: ignore[method-assign]
         await asyncio.wait_for(service.run(), 30)  # returns by itself: no request_stop
         results = [await client.wait(i, timeout=10) for i in ids]
-    await connection.aclose()
+    await worker.connection.aclose()
     assert reclaims == 1
     assert isinstance(service.failure, KeyError)
     assert [r.status for r in results] == ["ok"] * 20
@@ -256,42 +264,26 @@ async def test_a_failed_batch_loop_drains_and_a_restart_answers_everything(
     """Anything escaping the batch loop (here: assembling a batch) stops the
     worker instead of leaving it reading and renewing leases on requests it
     will never compute; its restart under the same name answers them."""
-    from worker.execution import DeviceExecutor
-    from worker.registry import load_model
-    from worker.service import WorkerService
-
-    settings = load_settings(
-        write_config(tmp_path / "t.toml", models_dir), overrides={"redis.url": redis_url}
-    )
-    executor = DeviceExecutor("cpu")
-    model = load_model(settings.model("mlp"), "cpu", executor.run_one)
-    sync_redis.hset(KEYS.models, "mlp", model.spec.to_json())
-    connection = pooled_client(settings.redis)
-
-    def service() -> WorkerService:
-        return WorkerService(
-            settings=settings, redis=connection, models=[model], executor=executor,
-            name="in-process", device_info={"device": "cpu:0"},
-        )  # fmt: skip
-
+    worker = InProcessWorker(tmp_path, models_dir, redis_url)
+    sync_redis.hset(KEYS.models, "mlp", worker.model.spec.to_json())
     async with AsyncClient(redis_url) as client:
         ids = await client.submit_many([Submission("mlp", {"x": X}) for _ in range(20)])
-        broken = service()
+        broken = worker.service()
 
         def failing_assemble(*args: object) -> None:
             raise MemoryError("injected: cannot allocate the staging buffer")
 
-        broken.executor = type(executor)("cpu")
+        broken.executor = type(worker.executor)("cpu")  # patched apart from the restart's
         broken.executor.assemble = failing_assemble  # type: ignore[method-assign,assignment]
         await asyncio.wait_for(broken.run(), 30)  # stops by itself
         assert isinstance(broken.failure, MemoryError)
         assert sync_redis.xpending(KEYS.queue("mlp"), CONSUMER_GROUP)["pending"] == 20
-        restarted = service()
+        restarted = worker.service()
         task = asyncio.create_task(restarted.run())
         results = [await client.wait(i, timeout=30) for i in ids]
         restarted.request_stop()
         await task
-    await connection.aclose()
+    await worker.connection.aclose()
     assert [r.status for r in results] == ["ok"] * 20
     assert restarted.failure is None
     restarted._on_control({"op": "reload", "model": ["mlp"]})  # malformed: ignored, no raise

@@ -14,6 +14,7 @@ it goes to ``tq:dead:<model>`` and its producer gets an error result.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -111,6 +112,21 @@ class Recovery:
         )
         log.warning("dead letter: entry %s of %s: %s", entry_id.decode(), lane.queue, reason)
 
+    async def dead_letter(self, lane: Lane, entries: Sequence[tuple[bytes, bytes, str]]) -> None:
+        """Move entries nobody can answer (unreadable, or deleted while pending)
+        to ``tq:dead:<model>`` as (entry id, raw request, reason), acked and
+        deleted in one transaction (the dead stream shares the queue's slot)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for entry_id, raw, reason in entries:
+                pipe.xadd(
+                    self._keys.dead(lane.model.name),
+                    {"req": raw, "reason": reason, "entry": entry_id},
+                )
+                pipe.xack(lane.queue, CONSUMER_GROUP, entry_id)
+                pipe.xdel(lane.queue, entry_id)
+            await pipe.execute()
+        log.warning("dead-lettered %d entries of %s: %s", len(entries), lane.queue, entries[0][2])
+
     async def reclaim(self, lane: Lane, idle_ms: int) -> int:
         """Take over entries idle past the visibility timeout (their consumer is
         gone); they join our own pending entries for ``next_own_pending``."""
@@ -124,19 +140,9 @@ class Recovery:
             cursor, claimed = reply[0], reply[1]
             deleted = reply[2] if len(reply) > 2 else []  # Redis 7 reports deleted entries
             if deleted:  # pending but gone from the stream: nobody can answer them
-                async with self._redis.pipeline(transaction=True) as pipe:
-                    for entry_id in deleted:
-                        pipe.xadd(
-                            self._keys.dead(lane.model.name),
-                            {
-                                "req": b"",
-                                "reason": "entry deleted while pending",
-                                "entry": entry_id,
-                            },
-                        )
-                        pipe.xack(lane.queue, CONSUMER_GROUP, entry_id)
-                    await pipe.execute()
-                log.warning("%d pending entries of %s were deleted", len(deleted), lane.queue)
+                await self.dead_letter(
+                    lane, [(entry_id, b"", "entry deleted while pending") for entry_id in deleted]
+                )
             claimed_total += len([c for c in claimed if c not in lane.held])
             if cursor in (b"0-0", "0-0"):
                 break

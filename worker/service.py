@@ -312,7 +312,7 @@ class WorkerService:
         lane.held.update(p.entry_id for p in good)
         lane.held.update(o.entry_id for o in rejected)
         if dead:
-            await self._dead_letter(lane, dead)
+            await self.recovery.dead_letter(lane, dead)
         if rejected:
             self.stats.errors += len(rejected)
             await self._writes.put(rejected)
@@ -349,18 +349,6 @@ class WorkerService:
         await self._writes.put(answered)
         done = {o.entry_id for o in answered}
         return [p for p in items if p.entry_id not in done]
-
-    async def _dead_letter(self, lane: Lane, entries: Sequence[tuple[bytes, bytes, str]]) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            for entry_id, raw, reason in entries:
-                pipe.xadd(
-                    self.keys.dead(lane.model.name),
-                    {"req": raw, "reason": reason, "entry": entry_id},
-                )
-                pipe.xack(lane.queue, CONSUMER_GROUP, entry_id)
-                pipe.xdel(lane.queue, entry_id)
-            await pipe.execute()
-        log.warning("dead-lettered %d unreadable entries of %s", len(entries), lane.queue)
 
     # -- batching and compute ----------------------------------------------
 
