@@ -91,3 +91,10 @@ class RedisUnavailable(TensorQError):
 
     code = "redis_unavailable"
     http_status = 503
+
+
+class MissingExtra(TensorQError):
+    """A verb needs a package of an optional extra that is not installed
+    (``pip install 'tensorq[gateway]'``); raised before the verb starts any work."""
+
+    code = "missing_extra"

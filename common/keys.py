@@ -17,9 +17,10 @@ Layout (``tq`` is the configurable prefix; ``<x>`` a placeholder):
                         (POST /v1/models/<m>/requests), TTL = the result TTL: tells
                         "pending" (202) from "unknown" (404) and refuses a reused id
     tq:control          pub/sub channel of control messages to workers (model reloads)
-    tq:batch:<id>       JSON record of an offline batch; ``:jobs`` its RQ job ids;
-                        ``:fail-once:<shard>`` a test/drill hook failing a shard once
+    tq:batch:<id>       JSON record of an offline batch (``common.records.BatchRecord``);
+                        ``:jobs`` its RQ job ids
     tq:workers          hash: worker name -> JSON heartbeat and stats
+                        (``common.records.WorkerHeartbeat``)
     tq:models           hash: model name -> JSON ModelSpec, written by workers
 
 On Redis Cluster (``Keys(cluster=True)``) the same names carry hash tags so
@@ -93,11 +94,6 @@ class Keys:
     def batch_jobs(self, batch_id: str) -> str:
         """The RQ job ids of a batch's shards, in shard order."""
         return f"{self.prefix}:batch:{batch_id}:jobs"
-
-    def batch_fail_once(self, batch_id: str, shard: int) -> str:
-        """Test/drill hook: while this key exists, the shard's next attempt
-        deletes it and fails (see ``producer.scoring.jobs``)."""
-        return f"{self.prefix}:batch:{batch_id}:fail-once:{shard}"
 
     @property
     def cancel_channel(self) -> str:

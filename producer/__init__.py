@@ -1,5 +1,41 @@
-"""tensorq producer: clients that enqueue requests and wait for results."""
+"""tensorq producer: what enqueues requests and waits for results.
 
+    client/    AsyncClient and Client (the whole of a plain ``pip install tensorq``)
+    gateway/   the HTTP gateway (``tensorq gateway``; extra ``[gateway]``)
+    scoring/   offline scoring: ``tensorq score``, RQ batch jobs (extra ``[batch]``)
+    ops/       operator tools: ``tensorq status``, ``demo``, ``up``, the local stack
+    bench/     benchmarks: ``tensorq bench [--http | --report]``, ``bench-score``
+
+``from producer import AsyncClient, Client`` imports the client and common
+only: no torch, aiohttp, rq or matplotlib. The typed errors are exported here
+beside the clients.
+"""
+
+from common.errors import (
+    ConfigError,
+    InferenceError,
+    InvalidInput,
+    ProtocolError,
+    QueueFull,
+    RedisUnavailable,
+    RequestTimeout,
+    TensorQError,
+    UnknownModel,
+)
 from producer.client import AsyncClient, Client, Submission, outputs_of
 
-__all__ = ["AsyncClient", "Client", "Submission", "outputs_of"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ConfigError",
+    "InferenceError",
+    "InvalidInput",
+    "ProtocolError",
+    "QueueFull",
+    "RedisUnavailable",
+    "RequestTimeout",
+    "Submission",
+    "TensorQError",
+    "UnknownModel",
+    "outputs_of",
+]

@@ -1,10 +1,16 @@
-"""Fixtures: one real redis-server per session (unix socket, no persistence),
+"""Tests live in two folders by what they need: ``tests/unit`` (no
+processes beyond a quick interpreter; fakeredis or pure logic) and
+``tests/integration`` (a real redis-server, real worker pools, real
+TorchScript models). Each test is marked ``unit`` or ``integration`` by its
+folder, so ``./dev test -m unit`` (or ``./dev test tests/unit``) runs the
+fast ones alone.
+
+Fixtures: one real redis-server per session (unix socket, no persistence),
 a clean database per test, the example TorchScript models built once, and a
 factory for real worker pools (``tensorq worker`` subprocesses)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,47 +19,51 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from common import redis_conn
+from common.backoff import Poll
 from common.embedded_redis import EmbeddedRedis
+from common.keys import Keys
+from common.records import live_workers
 from common.settings import RedisSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _poll() -> Poll:
+    return Poll(first=0.01, cap=0.2, factor=1.5)
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 60.0, what: str = "") -> object:
     """Poll a condition with backoff (waiting on state, never sleeping blind)."""
     deadline = time.monotonic() + timeout
-    delay = 0.01
+    poll = _poll()
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.2)
+        time.sleep(poll.next())
 
 
 async def async_wait_until(
     predicate: Callable[[], object], timeout: float = 60.0, what: str = ""
 ) -> object:
     """wait_until for tests whose event loop must keep running meanwhile."""
-    import asyncio
-
     deadline = time.monotonic() + timeout
-    delay = 0.01
+    poll = _poll()
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 0.2)
+        await poll.sleep()
 
 
 def http_ready(url: str) -> bool:
@@ -71,6 +81,14 @@ def sync_client(url: str) -> redis.Redis:
     """A blocking client for a test's Redis URL (a RedisCluster for
     ``redis+cluster://``), made the way tensorq makes its own."""
     return redis_conn.sync_client(RedisSettings(url=url, socket_timeout_s=60))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = (
+            "unit" if "unit" in item.path.relative_to(ROOT / "tests").parts[:1] else "integration"
+        )
+        item.add_marker(getattr(pytest.mark, kind))
 
 
 @pytest.fixture(scope="session")
@@ -119,18 +137,13 @@ class PoolHandle:
     stopped: bool = field(default=False)
 
     def live_workers(self) -> list[dict[str, object]]:
+        """The live workers' heartbeats as status reports (device details flattened in)."""
         client = sync_client(self.redis_url)
         try:
-            raw = client.hgetall("tq:workers")
+            raw: Any = client.hgetall(Keys().workers)
         finally:
             client.close()
-        now = time.time() * 1000
-        records = [json.loads(v) for v in raw.values()]
-        return [
-            r
-            for r in records
-            if r["alive"] and now - float(r["last_seen_ms"]) < 5000  # type: ignore[arg-type]
-        ]
+        return [record.as_report() for record in live_workers(raw)]
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         def ready() -> bool:

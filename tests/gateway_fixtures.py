@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from common.embedded_redis import EmbeddedRedis
 from producer.gateway import RunningGateway, start
-from producer.stack import local_stack
+from producer.ops.stack import local_stack
 from tests.conftest import write_config
 from tests.gateway_stack import RESULT_TTL_S, GatewayStack, build_test_models
 

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import add_common_flags
+from common.devices import parse_devices
 from common.embedded_redis import redis_url_or_embedded
+from common.extras import require_extra
 from common.redis_conn import check_reachable, pooled_client
 from common.settings import RedisSettings, Settings
-from worker.devices import parse_devices
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def models_command(subparsers: Any) -> None:
 
 
 def _run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    require_extra("worker", "torch", "prometheus_client")
     from worker.pool import WorkerPool
 
     if args.devices:
@@ -64,15 +66,14 @@ async def _check(redis_settings: RedisSettings) -> None:
 
 def _reload(args: argparse.Namespace, settings: Settings) -> int:
     """Announce a reload; workers serving the model load, warm and switch."""
-    import json
-
     from common.keys import Keys
+    from common.records import RELOAD, ControlMessage
 
     async def publish() -> int:
         client = pooled_client(settings.redis)
         try:
             await check_reachable(client, settings.redis.url)
-            message = json.dumps({"op": "reload", "model": args.model})
+            message = ControlMessage(RELOAD, args.model).encode()
             receivers: int = await client.publish(Keys.of(settings.redis).control_channel, message)
             return receivers
         finally:
@@ -90,6 +91,7 @@ def _reload(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _build_examples(args: argparse.Namespace, settings: Settings) -> int:
+    require_extra("worker", "torch")
     from worker.examples import build_examples
 
     for name, path in build_examples(args.directory).items():

@@ -1,7 +1,8 @@
-"""Committing a batch: every result (SET with TTL), the inbox pushes, and the
-XACK + XDEL of the entries they answer, in one Lua script: atomic (a kill
-never leaves a result without its ack or the reverse) and one command per
-batch instead of one per result, which is most of the write cost.
+"""Committing a batch, the writer's one path for results: every result (SET
+with TTL), the inbox pushes, and the XACK + XDEL of the entries they
+answer, in one Lua script: atomic (a kill never leaves a result without its
+ack or the reverse) and one command per batch instead of one per result,
+which is most of the write cost.
 
 A result overwrites an earlier one under the same id: ids are the
 producer's, and a producer that reuses one (re-scoring rows by their own
@@ -36,12 +37,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
 
 from common.keys import CONSUMER_GROUP, Keys
-from worker.lanes import Outcome
+from common.scripts import LuaScript
+from worker.work import Outcome
 
-COMMIT_LUA = """
+COMMIT = LuaScript("""
 local ttl, n, m, q = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local pushed = {}
 for i = 1, n do
@@ -72,7 +73,7 @@ for j = 1, q do
   a = a + 1 + count
 end
 return failures
-"""
+""")
 
 
 class Committer:
@@ -80,7 +81,6 @@ class Committer:
         self._redis = redis
         self._keys = keys
         self._ttl = result_ttl_s
-        self._sha = ""
 
     async def commit(self, outcomes: Sequence[Outcome]) -> int:
         """Write a batch's outcomes; returns how many streams refused the ack
@@ -105,13 +105,7 @@ class Committer:
         for ids in streams.values():
             args += [len(ids), *ids]
         args.append(CONSUMER_GROUP)
-        if not self._sha:
-            self._sha = await self._redis.script_load(COMMIT_LUA)
-        try:
-            failures: int = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
-        except NoScriptError:  # Redis restarted and lost its script cache
-            self._sha = await self._redis.script_load(COMMIT_LUA)
-            failures = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+        failures: int = await COMMIT.run(self._redis, keys, args)
         return failures
 
     async def _commit_by_slot(self, outcomes: Sequence[Outcome]) -> int:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from common.devices import DeviceSlot
 from common.settings import Settings
-from worker.devices import DeviceSlot
 from worker.metrics import MULTIPROC_ENV, MetricsServer
 from worker.process import EXIT_FATAL, worker_main
 

@@ -14,10 +14,10 @@ import signal
 import sys
 from typing import Any
 
+from common.devices import DeviceSlot
 from common.errors import ConfigError, RedisUnavailable
 from common.logs import configure_logging
 from common.settings import Settings
-from worker.devices import DeviceSlot
 
 log = logging.getLogger(__name__)
 
@@ -68,32 +68,35 @@ async def _serve(slot: DeviceSlot, settings: Settings, name: str, ready: Any) ->
     import torch
 
     from common.redis_conn import check_reachable, pooled_client
-    from worker.execution import DeviceExecutor
+    from worker.executor import Executor
+    from worker.faults import CrashOnRequest
     from worker.registry import load_model
-    from worker.service import WorkerService
+    from worker.service import WorkerService, build_parts
 
     if slot.kind == "cpu":
         torch.set_num_threads(slot.threads)
-    executor = DeviceExecutor(slot.torch_device)
-    models = [load_model(m, slot.torch_device, executor.run_one) for m in settings.models]
+    crash_prefix = settings.worker.crash_on_request_prefix
+    executor = (
+        CrashOnRequest(slot.torch_device, crash_prefix)
+        if crash_prefix
+        else Executor(slot.torch_device)
+    )
+    models = [load_model(m, slot.torch_device, executor.warm_up) for m in settings.models]
     if not models:
         raise ConfigError("no [[models]] configured: nothing to serve")
     redis = pooled_client(settings.redis)
     try:
         await check_reachable(redis, settings.redis.url)
-        service = WorkerService(
-            settings=settings,
-            redis=redis,
-            models=models,
-            executor=executor,
-            name=name,
-            device_info=device_report(slot),
-        )
+        service = WorkerService(settings, redis, name)
+        parts = build_parts(
+            settings=settings, redis=redis, models=models, executor=executor, name=name,
+            device_info=device_report(slot), on_orphaned=service.request_stop,
+        )  # fmt: skip
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, service.request_stop)
         log.info("serving %s on %s", [m.name for m in models], slot.label)
         if ready is not None:
             ready.set()
-        await service.run()
+        await service.run(parts)
         if service.failure is not None:
             sys.exit(1)  # drained; the pool restarts us
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,11 @@ from common.settings import ModelConfig
 from common.spec import ModelSpec, TensorSpec
 
 log = logging.getLogger(__name__)
+
+# (model, one request's inputs) -> its outputs, in the calling thread
+WarmUp = Callable[
+    ["LoadedModel", Mapping[str, np.ndarray[Any, Any]]], Mapping[str, np.ndarray[Any, Any]]
+]
 
 
 @dataclass(frozen=True)
@@ -38,8 +44,9 @@ def model_version(config: ModelConfig) -> str:
     return digest.hexdigest()[:12]
 
 
-def load_model(config: ModelConfig, device: str, run: Any) -> LoadedModel:
-    """Load, warm up through ``run(model, inputs) -> outputs``, and check outputs."""
+def load_model(config: ModelConfig, device: str, warm_up: WarmUp) -> LoadedModel:
+    """Load, run one example request through ``warm_up`` (the executor's), and
+    check the outputs against the config."""
     if not config.path.exists():
         raise ConfigError(f"model {config.name!r}: file {config.path} does not exist")
     try:
@@ -50,7 +57,7 @@ def load_model(config: ModelConfig, device: str, run: Any) -> LoadedModel:
     loaded = LoadedModel(config, config.spec(model_version(config)), module)
     example = {t.name: _example_input(t) for t in config.inputs}
     try:
-        outputs = run(loaded, example)
+        outputs = warm_up(loaded, example)
     except Exception as exc:
         raise ConfigError(f"model {config.name!r}: warm-up forward failed: {exc}") from None
     for tensor in config.outputs:

@@ -3,7 +3,9 @@ tensors (a numpy uint16 array is refused as "not a wire dtype").
 
 The gateway holds BF16 as uint16 bits; for models with a bfloat16 input it
 hands the client a zero-copy torch view of those bits. torch is imported
-only then, in a thread, so the event loop never stalls on the import.
+only then, in a thread, so the event loop never stalls on the import; a
+gateway installed without torch answers such requests with a one-line
+error naming the extra to install (``[worker]`` brings torch).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from common.extras import require_extra
 from common.spec import ModelSpec
 
 
@@ -41,5 +44,6 @@ async def client_inputs(
 async def import_torch() -> Any:
     module = sys.modules.get("torch")
     if module is None:
+        require_extra("worker", "torch")
         module = await asyncio.to_thread(importlib.import_module, "torch")
     return module

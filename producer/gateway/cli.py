@@ -1,6 +1,8 @@
 """``tensorq gateway``: the HTTP front door (Open Inference Protocol, async
 polling, /metrics). Settings come from ``[gateway]`` in the config, then
-``TQ_GATEWAY_*``, then ``--host`` / ``--port``."""
+``TQ_GATEWAY_*``, then ``--host`` / ``--port``. Needs the ``[gateway]`` extra
+(checked before it starts); this module imports none of it, so the verb is
+listed in a client-only install."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from common.cli import add_common_flags
+from common.extras import GATEWAY_MODULES, require_extra
 from common.settings import Settings
 
 
@@ -25,6 +28,7 @@ def gateway_command(subparsers: Any) -> None:
 
 
 def _gateway(args: argparse.Namespace, settings: Settings) -> int:
+    require_extra("gateway", *GATEWAY_MODULES)
     from producer.gateway.server import run
 
     if not settings.redis.url:

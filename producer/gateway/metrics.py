@@ -3,7 +3,7 @@
 Request counts and latency are recorded by a middleware, labelled by route
 template (``/v2/models/{model}/infer``), never by raw path. Queue depth,
 pending, oldest pending age, dead letters and live workers are read from
-Redis when ``/metrics`` is scraped, by ``producer.status.collect_status``
+Redis when ``/metrics`` is scraped, by ``producer.ops.status.collect_status``
 on the gateway's shared connection pool. A private registry per app keeps
 two gateways in one process (tests) apart.
 """
@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from common.errors import TensorQError
 from common.settings import Settings
-from producer.status import collect_status
+from producer.ops.status import collect_status
 
 log = logging.getLogger(__name__)
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from common.backoff import Backoff
 from common.errors import TensorQError
 from common.keys import Keys
 from producer.client import AsyncClient
-
-log = logging.getLogger(__name__)
 
 
 class ResultWatcher:
@@ -73,6 +71,7 @@ class ResultWatcher:
             await asyncio.gather(self._poller, return_exceptions=True)
 
     async def _poll(self) -> None:
+        backoff = Backoff()
         while self._waiters and not self._closed:
             await asyncio.sleep(self._interval_s)  # the poll period, not a synchronisation
             ids = list(self._waiters)
@@ -82,8 +81,9 @@ class ResultWatcher:
                         pipe.exists(self._keys.result(request_id))
                     found = await pipe.execute()
             except RedisError as exc:  # waiters time out on their own; keep trying
-                log.warning("result watcher: %s", exc)
+                await backoff.wait("result watcher poll", exc)
                 continue
+            backoff.reset()
             for request_id, exists in zip(ids, found, strict=True):
                 if exists:
                     self.notify(request_id)

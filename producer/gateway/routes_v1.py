@@ -10,12 +10,12 @@ msgpack wire body) and answers 202 with the id and a Location header;
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from aiohttp import web
 
 from common.envelope import unpack_result
 from common.errors import ProtocolError
+from common.records import AcceptedMarker
 from producer.gateway import oip, wire
 from producer.gateway.errors import HTTPProblem
 from producer.gateway.routes_v2 import oip_response, ok_outputs
@@ -62,7 +62,7 @@ async def get_result(request: web.Request) -> web.Response:
         await gw.watcher.wait(request_id, wait)
         raw, marker = await gw.fetch(request_id)
     if raw is not None:
-        return _finished(request, request_id, raw, marker or {})
+        return _finished(request, request_id, raw, marker or AcceptedMarker(""))
     if marker is None:
         raise HTTPProblem(404, f"no request {request_id!r}: unknown, or its result expired")
     return wire.respond(request, {"id": request_id, "status": "pending"}, status=202)
@@ -82,15 +82,15 @@ async def cancel(request: web.Request) -> web.Response:
 
 
 def _finished(
-    request: web.Request, request_id: str, raw: bytes, marker: dict[str, Any]
+    request: web.Request, request_id: str, raw: bytes, marker: AcceptedMarker
 ) -> web.Response:
     gw = request.app[GATEWAY]
     result = unpack_result(raw, gw.limits)
     outputs = ok_outputs(result)  # a failed request answers its error (500, 504, 410)
     if wire.wants_msgpack(request):
         return web.Response(body=raw, content_type=wire.MSGPACK)  # the stored envelope as is
-    wanted = oip.OutputRequest.from_json(marker.get("outputs") or {})
-    return oip_response(str(marker.get("model", "")), "", request_id, outputs, wanted)
+    wanted = oip.OutputRequest.from_json(marker.outputs)
+    return oip_response(marker.model, "", request_id, outputs, wanted)
 
 
 def _wait_seconds(value: str | None, cap: float) -> float:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from common import aio
 from common.settings import Settings
 from producer.gateway.app import create_app
 
@@ -69,8 +70,5 @@ async def serve(settings: Settings) -> int:
 
 
 def run(settings: Settings) -> int:
-    """Serve on uvloop until SIGTERM/SIGINT; the exit code."""
-    import uvloop
-
-    result: int = uvloop.run(serve(settings))
-    return result
+    """Serve on uvloop (where installed) until SIGTERM/SIGINT; the exit code."""
+    return aio.run(serve(settings))

@@ -7,7 +7,6 @@ Redis calls made here (not through the client) turn redis errors into
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,6 +19,7 @@ from redis.exceptions import RedisError
 from common.codec import CodecLimits
 from common.errors import RedisUnavailable, UnknownModel
 from common.keys import Keys
+from common.records import AcceptedMarker
 from common.redis_conn import mask_url
 from common.settings import Settings
 from common.spec import ModelSpec
@@ -29,7 +29,7 @@ from producer.gateway.errors import HTTPProblem
 from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.oip import OutputRequest
 from producer.gateway.results import Followers, ResultWatcher
-from producer.status import collect_status
+from producer.ops.status import collect_status
 
 T = TypeVar("T")
 
@@ -93,7 +93,7 @@ class Gateway:
         A client-given id is claimed first (SET NX), so an id in use, or
         whose result still exists, is refused with 409 and nothing enqueued."""
         ttl = self.settings.redis.result_ttl_s
-        marker = json.dumps({"model": spec.name, "outputs": wanted.to_json()})
+        marker = AcceptedMarker(spec.name, wanted.to_json()).encode()
         if request_id is None:
             request_id = await self.submit(spec, arrays, request_id=None, timeout=timeout,
                                            priority=priority)  # fmt: skip
@@ -115,13 +115,13 @@ class Gateway:
             await self._call(self.redis.delete(accepted))
             raise
 
-    async def fetch(self, request_id: str) -> tuple[bytes | None, dict[str, Any] | None]:
+    async def fetch(self, request_id: str) -> tuple[bytes | None, AcceptedMarker | None]:
         """The stored result (raw msgpack) and the gateway's marker of a request."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(self.keys.result(request_id))
             pipe.get(self.keys.accepted(request_id))
             raw, marker = await self._call(pipe.execute())
-        return raw, (_marker(marker) if marker is not None else None)
+        return raw, (AcceptedMarker.decode(marker) if marker is not None else None)
 
     async def cancel(self, request_id: str) -> None:
         await self._call(self.client.cancel(request_id))
@@ -136,14 +136,6 @@ class Gateway:
         except RedisError as exc:
             url = mask_url(self.settings.redis.url)
             raise RedisUnavailable(f"Redis at {url}: {exc}") from None
-
-
-def _marker(raw: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -1,6 +1,6 @@
 """The status page: ``GET /`` serves one self-refreshing HTML page (no build
 step) drawn from ``GET /v1/status``, the same report as ``tensorq status
---json`` (producer/status.py): per model queue depth, pending, oldest pending
+--json`` (producer/ops/status.py): per model queue depth, pending, oldest pending
 age, dead letters, rows/s and p50/p99 over the last minute with a sparkline;
 per worker device, alive, batches, mean batch size."""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from producer.gateway.state import GATEWAY
-from producer.status import collect_status
+from producer.ops.status import collect_status
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

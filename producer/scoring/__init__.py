@@ -12,7 +12,10 @@ the engine in ``runner``.
     batch       RQ batch submit / status / wait
     collect     concatenate a batch's parts into one file
     jobs        the RQ job function that scores one shard
-    bench       ``tensorq bench-score``; ``reference``: its in-process reference
+    cli         the verbs ``score`` and ``batch``
+    errors      ScoringError, InputFileError, ChunkFailed
+
+(``tensorq bench-score`` lives with the other benchmarks, in ``producer.bench``.)
 """
 
 from producer.scoring.errors import ChunkFailed, InputFileError, ScoringError

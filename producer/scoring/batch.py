@@ -12,28 +12,28 @@ and its job ids are kept in Redis:
     tq:batch:<id>        JSON BatchRecord (TTL: --ttl, default 7 days)
     tq:batch:<id>:jobs   list of RQ job ids, shard order (same TTL)
 
-(built by ``common.keys.Keys``). The part files are the source of truth
-for completion: a shard whose part exists is done, whatever its job says.
+(built by ``common.keys.Keys``; the record is ``common.records.BatchRecord``).
+The part files are the source of truth for completion: a shard whose part
+exists is done, whatever its job says. rq is imported when a batch is
+submitted or read, so the verbs register without the ``[batch]`` extra.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-from rq import Queue, Retry
-from rq.job import Job
 
+from common.backoff import Poll
 from common.errors import UnknownModel
 from common.keys import Keys
+from common.records import BatchRecord
 from common.settings import Settings
 from common.spec import ModelSpec
 from producer.scoring.errors import ScoringError
@@ -41,52 +41,17 @@ from producer.scoring.inputs import bind_inputs, open_inputs, split_input_spec
 from producer.scoring.outputs import OutputLayout
 from producer.scoring.runner import ScoreOptions
 
+if TYPE_CHECKING:
+    from rq.job import Job
+
 QUEUE = "tensorq-batch"
+# The RQ job function each shard runs, by import path (what RQ stores). A
+# test may name a wrapper of it here (see tests/integration/test_scoring_pool.py).
 JOB_FUNCTION = "producer.scoring.jobs.score_shard"
 RETRIES = 3
 DEFAULT_JOB_TIMEOUT_S = 3600
 DEFAULT_TTL_S = 7 * 24 * 3600
 _SETTLED = ("finished", "failed", "stopped", "canceled", "missing")
-
-
-@dataclass(frozen=True)
-class BatchRecord:
-    batch_id: str
-    model: str
-    inputs: tuple[str, ...]  # --input arguments with absolute paths
-    output_dir: str
-    rows: int
-    shard_rows: int
-    part_format: str  # npy | safetensors
-    outputs: tuple[str, ...]  # stored output names
-    options: dict[str, Any]  # rows_per_request, window, on_error, timeout_s, retries
-    job_timeout_s: int
-    prefix: str
-    created_ms: int
-
-    @property
-    def shards(self) -> int:
-        return math.ceil(self.rows / self.shard_rows)
-
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        start = shard * self.shard_rows
-        return start, min(start + self.shard_rows, self.rows)
-
-    def part_path(self, shard: int) -> Path:
-        return Path(self.output_dir) / f"part-{shard:05d}.{self.part_format}"
-
-    def job_id(self, shard: int) -> str:
-        return f"tensorq-batch-{self.batch_id}-{shard:05d}"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> BatchRecord:
-        raw = json.loads(text)
-        raw["inputs"] = tuple(raw["inputs"])
-        raw["outputs"] = tuple(raw["outputs"])
-        return cls(**raw)
 
 
 @dataclass(frozen=True)
@@ -169,6 +134,8 @@ def submit_batch(
     ttl_s: int = DEFAULT_TTL_S,
 ) -> BatchRecord:
     """Check everything, then record the batch and enqueue one job per shard."""
+    from rq import Queue, Retry
+
     options.validate()
     if shard_rows < 1:
         raise ScoringError(f"--shard-rows must be >= 1, got {shard_rows}")
@@ -214,11 +181,11 @@ def submit_batch(
         prefix=settings.redis.prefix,
         created_ms=int(time.time() * 1000),
     )
-    (output_dir / "batch.json").write_text(record.to_json() + "\n")
+    (output_dir / "batch.json").write_text(record.encode() + "\n")
     keys = Keys.of(settings.redis)
     job_ids = [record.job_id(i) for i in range(record.shards)]
     with connection.pipeline(transaction=True) as pipe:
-        pipe.set(keys.batch(record.batch_id), record.to_json(), ex=ttl_s)
+        pipe.set(keys.batch(record.batch_id), record.encode(), ex=ttl_s)
         pipe.rpush(keys.batch_jobs(record.batch_id), *job_ids)
         pipe.expire(keys.batch_jobs(record.batch_id), ttl_s)
         pipe.execute()
@@ -237,7 +204,7 @@ def submit_batch(
                     "inputs": list(record.inputs),
                     "start": start,
                     "stop": stop,
-                    "part": str(record.part_path(shard)),
+                    "part": str(part_path(record, shard)),
                     "options": record.options | {"outputs": list(record.outputs)},
                 },
                 timeout=job_timeout_s,
@@ -256,21 +223,27 @@ def submit_batch(
     return record
 
 
+def part_path(record: BatchRecord, shard: int) -> Path:
+    return Path(record.output_dir) / record.part_name(shard)
+
+
 def load_record(connection: redis.Redis, prefix: str, batch_id: str) -> BatchRecord:
     raw: Any = connection.get(Keys(prefix).batch(batch_id))
     if raw is None:
         raise ScoringError(f"no batch {batch_id!r} in Redis (expired, or never submitted)")
-    return BatchRecord.from_json(raw)
+    return BatchRecord.decode(raw)
 
 
 def batch_status(connection: redis.Redis, prefix: str, batch_id: str) -> BatchStatus:
+    from rq.job import Job
+
     record = load_record(connection, prefix, batch_id)
     ids = [record.job_id(i) for i in range(record.shards)]
     jobs = Job.fetch_many(ids, connection=connection)
     shards = []
     for shard, job in enumerate(jobs):
         start, stop = record.shard_range(shard)
-        part = record.part_path(shard)
+        part = part_path(record, shard)
         failures: tuple[str, ...] = ()
         retries = 0
         meta: dict[str, Any] = {}
@@ -301,8 +274,10 @@ def wait_batch(
     timeout_s: float | None = None,
     progress: Callable[[BatchStatus], None] | None = None,
 ) -> BatchStatus:
-    """Poll until every shard has finished or failed for good (RQ retries exhausted)."""
+    """Poll until every shard has finished or failed for good (RQ retries
+    exhausted), at intervals growing to ``poll_s``."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    poll = Poll(first=min(0.05, poll_s), cap=poll_s)
     while True:
         status = batch_status(connection, prefix, batch_id)
         if progress is not None:
@@ -314,7 +289,7 @@ def wait_batch(
                 f"batch {batch_id}: not finished within {timeout_s}s "
                 f"({status.rows_done:,}/{status.record.rows:,} rows)"
             )
-        time.sleep(poll_s)  # polling job state in Redis, at a fixed pace
+        time.sleep(poll.next())  # polling job state in Redis, at growing intervals
 
 
 def _served_spec(connection: redis.Redis, settings: Settings, model: str) -> ModelSpec:

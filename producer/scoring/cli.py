@@ -1,6 +1,7 @@
-"""The offline-scoring verbs: ``score``, ``batch submit|status|wait|collect``
-and ``bench-score``. Each entry point is ``register(subparsers)``; heavy
-imports wait until a verb runs, so ``tensorq --help`` stays fast.
+"""The offline-scoring verbs: ``score`` and ``batch submit|status|wait|collect``.
+Each entry point is ``register(subparsers)``; heavy imports wait until a verb
+runs, so ``tensorq --help`` stays fast and lists these verbs without the
+``[batch]`` extra, which each verb checks for before it starts any work.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import add_common_flags
+from common.extras import POOL_MODULES, require_extra
 from common.settings import Settings
 
 
@@ -90,30 +92,18 @@ def batch_command(subparsers: Any) -> None:
     collect.set_defaults(func=_batch_collect)
 
 
-def bench_score_command(subparsers: Any) -> None:
-    from producer.scoring.bench import add_bench_score_arguments
-
-    parser = subparsers.add_parser(
-        "bench-score", help="tensorq score rows/s against in-process and bare-Redis references"
-    )
-    add_common_flags(parser)
-    add_bench_score_arguments(parser)
-    parser.set_defaults(func=_bench_score)
-
-
 def _score(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.no_progress:
+        require_extra("batch", "tqdm")  # the progress bar
+    if not settings.redis.url:
+        require_extra("worker", *POOL_MODULES)  # a private pool
     from producer.scoring.score import run_score
 
     return run_score(args, settings)
 
 
-def _bench_score(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.scoring.bench import run_bench_score
-
-    return run_bench_score(args, settings)
-
-
 def _batch_submit(args: argparse.Namespace, settings: Settings) -> int:
+    require_extra("batch", "rq")
     from producer.scoring.batch import QUEUE, submit_batch
     from producer.scoring.score import options_from_args
 
@@ -140,6 +130,7 @@ def _batch_submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _batch_status(args: argparse.Namespace, settings: Settings) -> int:
+    require_extra("batch", "rq")
     from producer.scoring.batch import batch_status
 
     with _connect(settings) as connection:
@@ -149,6 +140,7 @@ def _batch_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _batch_wait(args: argparse.Namespace, settings: Settings) -> int:
+    require_extra("batch", "rq", *(() if args.no_progress else ("tqdm",)))
     from producer.scoring.batch import BatchStatus, wait_batch
 
     bar: Any = None
@@ -196,6 +188,7 @@ def _batch_wait(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _batch_collect(args: argparse.Namespace, settings: Settings) -> int:
+    require_extra("batch", "rq")
     from producer.scoring.collect import collect_batch
 
     with _connect(settings) as connection:

@@ -13,7 +13,8 @@ from typing import Any
 
 import redis
 
-from producer.scoring.batch import BatchRecord, batch_status, load_record
+from common.records import BatchRecord
+from producer.scoring.batch import batch_status, load_record, part_path
 from producer.scoring.checkpoint import ScorePaths
 from producer.scoring.errors import ScoringError
 from producer.scoring.inputs import Column, open_inputs
@@ -53,7 +54,7 @@ def collect_batch(
     paths = ScorePaths.for_output(output)
     if output.exists() and not overwrite:
         raise ScoringError(f"{output} already exists (--overwrite replaces it)")
-    missing = [i for i in range(record.shards) if not record.part_path(i).exists()]
+    missing = [i for i in range(record.shards) if not part_path(record, i).exists()]
     if missing:
         status = batch_status(connection, prefix, batch_id)
         states = ", ".join(f"{i} ({status.shards[i].state})" for i in missing[:10])
@@ -86,7 +87,7 @@ def collect_batch(
             finally:
                 for column in columns.values():
                     column.close()
-            errors = ScorePaths.for_output(record.part_path(shard)).errors
+            errors = ScorePaths.for_output(part_path(record, shard)).errors
             if errors.exists():
                 failures += [json.loads(line) for line in errors.read_text().splitlines() if line]
         writer.sync()
@@ -131,7 +132,7 @@ def _copy_part(
 
 
 def _part_columns(record: BatchRecord, shard: int) -> dict[str, Column]:
-    path = record.part_path(shard)
+    path = part_path(record, shard)
     source = open_inputs([str(path)])
     columns = dict(source.columns)
     if record.part_format == "npy":  # a bare .npy: its one array is the one output

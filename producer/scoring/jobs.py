@@ -12,9 +12,9 @@ The pool is reached through the Redis the RQ worker was started with
 (``rq worker tensorq-batch --url ...``), or ``TQ_REDIS_URL`` when set; other
 ``TQ_*`` settings (and ``TQ_CONFIG``) apply as usual.
 
-Fault hook, for tests and drills: if the key ``<prefix>:batch:<id>:fail-once:<shard>``
-exists when an attempt starts, the attempt deletes it and fails with
-``InjectedFault`` (so RQ retries the shard once). Nothing else reads it.
+A failed attempt is recorded in ``job.meta`` by ``record_failure``; a test or
+drill that injects faults enqueues its own job function (``batch.JOB_FUNCTION``)
+that wraps ``score_shard`` and records its faults the same way.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import redis
 from rq import get_current_job
 from rq.job import Job
 
-from common.keys import Keys
 from common.settings import Settings, load_settings
 from producer.scoring.errors import ScoringError
 from producer.scoring.inputs import open_inputs
@@ -38,10 +37,6 @@ from producer.scoring.runner import DEFAULT_WINDOW, ScoreOptions, ScoreSummary, 
 
 _META_EVERY_S = 1.0
 _MAX_FAILURES_KEPT = 10
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the fail-once fault hook."""
 
 
 def score_shard(
@@ -62,7 +57,6 @@ def score_shard(
         raise ScoringError("score_shard runs as an RQ job (rq worker tensorq-batch)")
     connection: redis.Redis = job.connection
     try:
-        _fail_once(connection, Keys(prefix).batch_fail_once(batch_id, shard))
         part_path = Path(part)
         if part_path.exists():  # an earlier attempt finished it
             _check_part(part_path, stop - start)
@@ -74,10 +68,7 @@ def score_shard(
             )
             summary = result.to_json() | {"part": part, "skipped": False}
     except Exception as exc:
-        failures = list(job.meta.get("failures", []))
-        failures.append(f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500])
-        job.meta["failures"] = failures[-_MAX_FAILURES_KEPT:]
-        job.save_meta()  # type: ignore[no-untyped-call]
+        record_failure(job, exc)
         raise
     job.meta.update(rows=stop - start, rows_done=stop - start)
     job.save_meta()  # type: ignore[no-untyped-call]
@@ -137,9 +128,12 @@ class _MetaProgress:
         self._job.save_meta()  # type: ignore[no-untyped-call]
 
 
-def _fail_once(connection: redis.Redis, key: str) -> None:
-    if connection.getdel(key) is not None:
-        raise InjectedFault(f"injected fault ({key})")
+def record_failure(job: Job, exc: BaseException) -> None:
+    """Keep a line about a failed attempt in ``job.meta["failures"]`` (the last 10)."""
+    failures = list(job.meta.get("failures", []))
+    failures.append(f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500])
+    job.meta["failures"] = failures[-_MAX_FAILURES_KEPT:]
+    job.save_meta()  # type: ignore[no-untyped-call]
 
 
 def _check_part(path: Path, rows: int) -> None:

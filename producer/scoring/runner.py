@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.backoff import Poll
 from common.envelope import Result
 from common.errors import InferenceError, QueueFull, RequestTimeout, TensorQError
 from producer.client import AsyncClient, Submission, outputs_of
@@ -268,16 +269,15 @@ class _Engine:
         self._report()
         began = time.perf_counter()
         last_save = time.monotonic()
-        idle_backoff = 0.01
+        idle = Poll(first=0.01, cap=2.0)  # waiting for room in a full queue
         try:
             while self.pending or self.inflight:
                 refused = await self._fill_window()
                 if not self.inflight:  # the queue refused everything: back off
-                    await asyncio.sleep(idle_backoff)
-                    idle_backoff = min(idle_backoff * 2, 2.0)
+                    await idle.sleep()
                     continue
                 if not refused:
-                    idle_backoff = 0.01
+                    idle.reset()
                 done, _ = await asyncio.wait(self.inflight, return_when=asyncio.FIRST_COMPLETED)
                 for task in sorted(done, key=lambda t: self.inflight[t].start):
                     self._settle(self.inflight.pop(task), task)

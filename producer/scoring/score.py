@@ -132,7 +132,7 @@ def run_score(args: argparse.Namespace, settings: Settings) -> int:
         _precheck(source, settings, args.model, options)
         if settings.redis.url:
             return _score_with(settings.redis.url, settings, source, args, options)
-        from producer.stack import ensure_example_models, local_stack
+        from producer.ops.stack import ensure_example_models, local_stack
 
         if not settings.models:
             print("tensorq score: no Redis URL and no [[models]] configured", file=sys.stderr)

@@ -1,0 +1,266 @@
+"""AsyncClient: submit tensors, wait for results by request id.
+
+Requests are checked at submit against the metadata workers publish in
+``tq:models`` (unknown model, wrong dtype/shape raise at once) and enqueued
+with a Lua XADD that refuses past the model's ``max_queue_len``
+(``QueueFull``; ``client.enqueue``). Every request names this client's
+inbox in ``reply_to``, where one reader task collects the results
+(``client.inbox``). Results stay fetchable by id from ``tq:r:<id>`` by
+anyone (``client.results``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from common.envelope import Result
+from common.errors import (
+    InvalidInput,
+    QueueFull,
+    RedisUnavailable,
+    RequestTimeout,
+    TensorQError,
+    UnknownModel,
+)
+from common.keys import Keys
+from common.redis_conn import check_reachable, mask_url, pooled_client
+from common.settings import RedisSettings, Settings
+from common.spec import ModelSpec
+from producer.client.enqueue import Enqueuer
+from producer.client.inbox import Inbox, InboxReader
+from producer.client.results import (
+    DEFAULT_TIMEOUT_S,
+    STORED_LOOK_S,
+    get_stored,
+    outputs_of,
+    poll_stored,
+)
+from producer.client.submission import Prepared, Submission, prepare, wire_arrays
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class AsyncClient:
+    """``async with AsyncClient(url) as c: out = await c.infer("mlp", {"x": x})``."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        settings: Settings | None = None,
+        client_id: str | None = None,
+        inbox_block_s: float = 1.0,
+        redis: aioredis.Redis | None = None,
+    ) -> None:
+        """``redis`` shares an application's existing client (the gateway's
+        pool); the inbox reader still opens its own blocking connection."""
+        if settings is None:
+            settings = Settings(redis=RedisSettings(url=redis_url or ""))
+        elif redis_url:
+            settings = settings.replace(redis=settings.redis.with_url(redis_url))
+        if not settings.redis.url:
+            raise TensorQError("AsyncClient needs a Redis URL")
+        self.settings = settings
+        self.keys = Keys.of(settings.redis)
+        self.client_id = client_id or uuid.uuid4().hex[:16]
+        # Ids are this client's random id plus a counter: unique, and cheaper
+        # than a uuid4 (a getrandom syscall) per request.
+        self._ids = itertools.count()
+        self._inbox = Inbox(self.keys.inbox(self.client_id), settings.limits.codec())
+        self._reader = InboxReader(
+            self._inbox,
+            settings.redis,
+            self.keys,
+            lambda: self.redis,
+            inbox_block_s,
+            name=f"inbox-{self.client_id}",
+        )
+        self._redis: aioredis.Redis | None = None
+        self._given_redis = redis
+        self._specs: dict[str, ModelSpec] = {}
+        self._enqueuer = Enqueuer(self.keys, lambda: self.redis, self._call)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def connect(self) -> AsyncClient:
+        redis = self._given_redis or pooled_client(self.settings.redis)
+        try:
+            await check_reachable(redis, self.settings.redis.url)
+        except RedisUnavailable:
+            if self._given_redis is None:
+                await redis.aclose()
+            raise
+        self._redis = redis
+        return self
+
+    async def close(self) -> None:
+        if self._redis is None:
+            return
+        await self._reader.stop()
+        self._inbox.clear()
+        if self._given_redis is None:
+            await self._redis.aclose()
+        self._redis = None  # connect() again starts afresh
+
+    async def __aenter__(self) -> AsyncClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise TensorQError("client is not connected: use 'async with' or connect()")
+        return self._redis
+
+    # -- model metadata -------------------------------------------------------
+
+    async def models(self, *, refresh: bool = False) -> dict[str, ModelSpec]:
+        if refresh or not self._specs:
+            raw: Any = await self._call(self.redis.hgetall(self.keys.models))
+            specs = {}
+            for name, text in raw.items():
+                try:
+                    specs[name.decode(errors="replace")] = ModelSpec.from_json(text)
+                except (ValueError, KeyError, TypeError, TensorQError) as exc:
+                    log.warning("ignoring the unreadable spec of %r in %s: %r",
+                                name, self.keys.models, exc)  # fmt: skip
+            self._specs = specs
+        return dict(self._specs)
+
+    async def spec(self, model: str) -> ModelSpec:
+        spec = self._specs.get(model) or (await self.models(refresh=True)).get(model)
+        if spec is None:
+            known = ", ".join(sorted(self._specs)) or "none"
+            raise UnknownModel(f"no worker serves model {model!r} (served: {known})")
+        return spec
+
+    # -- submitting -------------------------------------------------------------
+
+    async def submit(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> str:
+        """Enqueue one request; ``timeout`` becomes its deadline. Returns its id."""
+        ids = await self.submit_many([Submission(model, inputs, request_id, timeout, priority)])
+        return ids[0]
+
+    async def submit_many(self, submissions: Sequence[Submission]) -> list[str]:
+        """Validate all, then enqueue all in one pipelined round trip.
+
+        Each request is enqueued or refused on its own; if any was refused,
+        QueueFull names the first refused id and lists the rest in
+        ``.refused`` (the others are queued and can be waited for).
+        """
+        prepared = [await self._prepare(s) for s in submissions]
+        ids = [p.request.id for p in prepared]
+        self._inbox.expect(ids)
+        self._reader.start()  # results of our own requests arrive in our inbox
+        try:
+            replies = await self._enqueuer.enqueue(prepared)
+        except BaseException:  # not known to be queued: nobody will wait for these
+            self._inbox.forget(ids)
+            raise
+        refused = [p for p, reply in zip(prepared, replies, strict=True) if not reply]
+        if refused:
+            self._inbox.forget(p.request.id for p in refused)
+            first = refused[0]
+            error = QueueFull(
+                f"queue of model {first.request.model!r} is at max_queue_len {first.limit}; "
+                f"{len(refused)} of {len(prepared)} request(s) refused",
+                request_id=first.request.id,
+            )
+            error.refused = [p.request.id for p in refused]
+            raise error
+        return ids
+
+    async def _prepare(self, submission: Submission) -> Prepared:
+        """Check and pack one submission; what is wrong with it fails it alone,
+        before it joins other submitters' round trip."""
+        spec = await self.spec(submission.model)
+        request_id = submission.request_id or f"{self.client_id}-{next(self._ids)}"
+        arrays = wire_arrays(submission.inputs)
+        try:
+            spec.check_inputs(arrays, request_id=request_id)
+        except InvalidInput:  # a hot reload may have changed the signature since we read it
+            fresh = (await self.models(refresh=True)).get(submission.model)
+            if fresh is None or fresh == spec:
+                raise
+            spec = fresh
+            spec.check_inputs(arrays, request_id=request_id)
+        return prepare(submission, spec, request_id, arrays, self._inbox.key)
+
+    # -- results --------------------------------------------------------------
+
+    async def wait(self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S) -> Result:
+        """The full result envelope (status, outputs, timings) of a request."""
+        future = self._inbox.waiters.get(request_id)
+        if future is None:  # not ours: only our own requests are pushed to our inbox
+            return await poll_stored(
+                self.redis, self.keys.result(request_id), self._inbox.limits, request_id, timeout
+            )
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            # an inbox push may have been lost: one last look, briefly
+            stored = await get_stored(
+                self.redis, self.keys.result(request_id), self._inbox.limits, STORED_LOOK_S
+            )
+            if stored is not None:
+                return stored
+            raise RequestTimeout(f"no result within {timeout}s", request_id=request_id) from None
+        finally:
+            self._inbox.waiters.pop(request_id, None)
+
+    async def result(
+        self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """Outputs as numpy arrays (bfloat16 widened to float32); raises on failure."""
+        return outputs_of(await self.wait(request_id, timeout))
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        priority: int = 0,
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        request_id = await self.submit(model, inputs, timeout=timeout, priority=priority)
+        return await self.result(request_id, timeout)
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask workers to skip a request they have not started (result ``cancelled``)."""
+        # The marker first (what a worker checks for entries it read before it
+        # subscribed), then the news; two calls, as cluster pipelines refuse PUBLISH.
+        ttl = self.settings.redis.result_ttl_s
+        await self._call(self.redis.set(self.keys.cancelled(request_id), b"1", ex=ttl))
+        await self._call(self.redis.publish(self.keys.cancel_channel, request_id))
+
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        """One round trip: RedisError becomes RedisUnavailable (naming the URL,
+        password masked); NoScriptError passes, for the script's reload."""
+        try:
+            return await awaitable
+        except NoScriptError:
+            raise
+        except RedisError as exc:
+            url = mask_url(self.settings.redis.url)
+            raise RedisUnavailable(f"Redis at {url}: {exc}") from None

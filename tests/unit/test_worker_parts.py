@@ -1,0 +1,254 @@
+"""The worker's parts on their own, each handed the parts it talks to (a
+recording writer, a real executor on a plain Python model, fakeredis where
+Redis is read): batch formation, priorities, settling, bisecting, and what
+the reader makes of every kind of hostile entry. No processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from common.codec import encode_tensor
+from common.envelope import Request, Result, unpack_result
+from common.keys import HIGH, NORMAL, Keys
+from common.records import DeadLetter
+from common.settings import ModelConfig, load_settings
+from common.spec import TensorSpec
+from worker.control import ControlFeed
+from worker.executor import Executor
+from worker.reader import StreamReader
+from worker.registry import LoadedModel
+from worker.scheduler import Scheduler
+from worker.served import ServedModels
+from worker.stats import Stats
+from worker.work import Accepted, Outcome, Stream
+
+KEYS = Keys()
+INBOX = KEYS.inbox("test")
+HIGH_STREAM = Stream(KEYS.queue("m", HIGH), "m", HIGH)
+NORMAL_STREAM = Stream(KEYS.queue("m", NORMAL), "m", NORMAL)
+
+
+def small_model(
+    forward: Callable[[torch.Tensor], torch.Tensor], max_batch_size: int = 4
+) -> LoadedModel:
+    config = ModelConfig(
+        "m", Path("unused.pt"),
+        inputs=(TensorSpec("x", "float32", (3,)),), outputs=(TensorSpec("y", "float32", (3,)),),
+        max_batch_size=max_batch_size, max_delay_ms=0,
+    )  # fmt: skip
+    return LoadedModel(config, config.spec("v1"), forward)
+
+
+class RecordingWriter:
+    """Stands in for the writer: keeps what would be written, in order."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Outcome] = []
+        self.dead: list[DeadLetter] = []
+
+    async def put(self, outcomes: Sequence[Outcome]) -> None:
+        self.outcomes.extend(outcomes)
+
+    async def dead_letter(self, stream: Stream, letters: Sequence[DeadLetter]) -> None:
+        self.dead.extend(letters)
+
+    def results(self) -> list[Result]:
+        return [unpack_result(o.payload) for o in self.outcomes if o.payload]
+
+
+class Calls:
+    """A forward that records the rows of each call and doubles its input."""
+
+    def __init__(self, fail_on: float | None = None) -> None:
+        self.rows: list[int] = []
+        self.fail_on = fail_on
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(int(x.shape[0]))
+        if self.fail_on is not None and bool((x == self.fail_on).any()):
+            raise ValueError("poisoned row")
+        return x * 2
+
+
+def accepted(stream: Stream, request_id: str, value: float = 1.0, **kwargs: Any) -> Accepted:
+    deliveries = kwargs.pop("deliveries", 1)
+    request = Request(request_id, "m", {"x": np.full((1, 3), value, np.float32)}, **kwargs)
+    entry_id = f"{int(time.time() * 1000)}-{abs(hash(request_id)) % 1000}".encode()
+    return Accepted(stream, entry_id, request, 1, deliveries)
+
+
+def scheduler_for(
+    model: LoadedModel, writer: RecordingWriter, feed: ControlFeed | None = None
+) -> Scheduler:
+    return Scheduler(
+        [HIGH_STREAM, NORMAL_STREAM], served=ServedModels([model]), executor=Executor("cpu"),
+        writer=writer, feed=feed or ControlFeed(fakeredis.FakeAsyncRedis(), KEYS, 0.1, print),
+        stats=Stats(), worker="w",
+    )  # type: ignore[arg-type]  # fmt: skip
+
+
+async def drain(scheduler: Scheduler) -> None:
+    """Everything added is computed, then ``run`` returns."""
+    scheduler.close()
+    await asyncio.wait_for(scheduler.run(), 30)
+
+
+async def test_high_priority_goes_first_and_batches_hold_max_rows() -> None:
+    calls, writer = Calls(), RecordingWriter()
+    scheduler = scheduler_for(small_model(calls), writer)
+    scheduler.add(NORMAL_STREAM, [accepted(NORMAL_STREAM, f"n{i}", i) for i in range(6)])
+    scheduler.add(HIGH_STREAM, [accepted(HIGH_STREAM, f"h{i}", 10 + i) for i in range(2)])
+    await drain(scheduler)
+    results = writer.results()
+    assert [r.id for r in results][:2] == ["h0", "h1"]
+    assert sorted(r.id for r in results[2:]) == [f"n{i}" for i in range(6)]
+    assert calls.rows == [2, 4, 2]
+    assert all(r.status == "ok" for r in results)
+    for r in results:  # each request gets its own rows back
+        value = 10 + int(r.id[1:]) if r.id[0] == "h" else int(r.id[1:])
+        np.testing.assert_array_equal(r.outputs["y"], np.full((1, 3), 2.0 * value, np.float32))
+
+
+async def test_cancelled_and_expired_requests_are_answered_without_compute() -> None:
+    calls, writer = Calls(), RecordingWriter()
+    feed = ControlFeed(fakeredis.FakeAsyncRedis(), KEYS, 0.1, print)
+    feed.add_cancelled("gone")
+    scheduler = scheduler_for(small_model(calls), writer, feed)
+    past = int(time.time() * 1000) - 1000
+    scheduler.add(
+        NORMAL_STREAM,
+        [
+            accepted(NORMAL_STREAM, "gone", 1.0),
+            accepted(NORMAL_STREAM, "late", 2.0, deadline_ms=past),
+            accepted(NORMAL_STREAM, "fine", 3.0),
+        ],
+    )
+    await drain(scheduler)
+    status = {r.id: (r.status, r.error_code) for r in writer.results()}
+    assert status == {
+        "gone": ("cancelled", "cancelled"),
+        "late": ("expired", "expired"),
+        "fine": ("ok", ""),
+    }
+    assert calls.rows == [1]  # only "fine" was computed
+
+
+async def test_a_redelivered_request_runs_alone() -> None:
+    calls, writer = Calls(), RecordingWriter()
+    scheduler = scheduler_for(small_model(calls), writer)
+    scheduler.add(
+        NORMAL_STREAM,
+        [
+            accepted(NORMAL_STREAM, "a", 1.0),
+            accepted(NORMAL_STREAM, "again", 2.0, deliveries=2),
+            accepted(NORMAL_STREAM, "b", 3.0),
+        ],
+    )
+    await drain(scheduler)
+    assert calls.rows == [1, 1, 1]
+    assert {r.id: r.batch_size for r in writer.results()} == {"a": 1, "again": 1, "b": 1}
+
+
+async def test_a_raising_batch_is_bisected_to_the_culprit() -> None:
+    calls, writer = Calls(fail_on=13.0), RecordingWriter()
+    scheduler = scheduler_for(small_model(calls), writer)
+    scheduler.add(NORMAL_STREAM, [accepted(NORMAL_STREAM, f"r{v}", v) for v in (11, 12, 13, 14)])
+    await drain(scheduler)
+    status = {r.id: (r.status, r.error_code) for r in writer.results()}
+    assert status.pop("r13") == ("error", "model_error")
+    assert set(status.values()) == {("ok", "")}
+    assert len(status) == 3
+
+
+# -- the reader: every kind of hostile entry, one at a time ------------------
+
+X = encode_tensor(np.ones((1, 3), np.float32))
+
+
+def body(**fields: Any) -> dict[bytes, bytes]:
+    request = {"id": "bad", "model": "m", "reply_to": INBOX, "inputs": {"x": X}, **fields}
+    return {b"req": msgpack.packb(request, use_bin_type=True)}
+
+
+HOSTILE = [
+    pytest.param({b"req": b"\xc1\x00garbage"}, "dead", id="not-msgpack"),
+    pytest.param({b"other": b"field"}, "dead", id="no-req-field"),
+    pytest.param({b"req": msgpack.packb([1, 2, 3])}, "dead", id="not-a-map"),
+    pytest.param(
+        {b"req": msgpack.packb({"model": "m", "inputs": {"x": X}})}, "dead", id="missing-id"
+    ),
+    pytest.param(
+        body(inputs={"x": {"dtype": "complex128", "shape": [1, 3], "data": b""}}),
+        "protocol_error",
+        id="unknown-dtype",
+    ),
+    pytest.param(
+        body(inputs={"x": {"dtype": "float32", "shape": [2**40, 2**40], "data": b""}}),
+        "protocol_error",
+        id="huge-shape",
+    ),
+    pytest.param(
+        body(inputs={"x": {"dtype": "float32", "shape": [1, 2], "data": b"\0" * 8}}),
+        "invalid_input",
+        id="wrong-shape-for-model",
+    ),
+    pytest.param(body(inputs="not a map"), "protocol_error", id="inputs-not-a-map"),
+    pytest.param(body(model="other"), "invalid_input", id="other-model's-queue"),
+    pytest.param(body(deadline="soon"), "protocol_error", id="deadline-not-a-number"),
+    pytest.param(body(reply_to="tq:q:m"), "invalid_input", id="reply-to-not-an-inbox"),
+    pytest.param(body(), "accepted", id="well-formed"),
+]
+
+
+class RecordingScheduler:
+    def __init__(self) -> None:
+        self.added: list[Accepted] = []
+
+    def add(self, stream: Stream, items: Sequence[Accepted]) -> None:
+        self.added.extend(items)
+
+
+@pytest.mark.parametrize(("fields", "expected"), HOSTILE)
+async def test_the_reader_answers_or_buries_each_hostile_entry(
+    fields: dict[bytes, bytes], expected: str, tmp_path: Path
+) -> None:
+    from worker.leases import Leases
+
+    settings = load_settings(env={}, overrides={"redis.url": "redis://unused"})
+    model = small_model(Calls())
+    writer, scheduler = RecordingWriter(), RecordingScheduler()
+    leases = Leases()
+    redis = fakeredis.FakeAsyncRedis()
+    reader = StreamReader(
+        NORMAL_STREAM, settings=settings, redis=redis, consumer="w",
+        served=ServedModels([model]), scheduler=scheduler, writer=writer,  # type: ignore[arg-type]
+        leases=leases, feed=ControlFeed(redis, KEYS, 0.1, print), stats=Stats(),
+    )  # fmt: skip
+    entry_id = b"1700000000000-0"
+    await reader.accept([(entry_id, fields)], 1)
+    if expected == "dead":
+        assert [d.entry_id for d in writer.dead] == [entry_id]
+        assert writer.dead[0].reason
+        assert not writer.outcomes and not scheduler.added
+    elif expected == "accepted":
+        assert [a.request.id for a in scheduler.added] == ["bad"]
+        assert not writer.outcomes and not writer.dead
+        assert leases.holds(NORMAL_STREAM.queue, entry_id)
+    else:
+        [result] = writer.results()
+        assert (result.id, result.status, result.error_code) == ("bad", "error", expected)
+        assert result.error_message
+        if "reply_to" not in result.error_message:
+            assert writer.outcomes[0].reply_to == INBOX  # the producer is told
+        assert not scheduler.added and not writer.dead
+        assert leases.holds(NORMAL_STREAM.queue, entry_id)  # until the writer releases it

@@ -1,0 +1,228 @@
+"""The scheduler: one backlog per stream, batch formation, and the hand-off
+to the executor.
+
+Readers ``add`` accepted requests. The batch loop (``run``) picks the next
+backlog (high-priority streams first, round robin among equals), lets a
+batch fill for up to ``max_delay_ms`` while its batch policy says waiting
+pays off (worker/window.py; an idle worker never waits), answers cancelled
+and expired requests without computing them, and starts the batch on the
+executor. While a batch computes, the next one is queued behind it only if
+it is already full: then the device runs back to back without waiting for
+the event loop. A partial batch waits for the running one to finish and so
+collects whatever arrives meanwhile (the natural batching). A computed
+batch's outcomes go to the writer.
+
+A redelivered request (its worker died, maybe because of it) runs alone, so
+a poison request cannot take its neighbours down with it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from common.aio import wait_any
+from common.envelope import Result, pack_result
+from common.keys import NORMAL
+from worker.control import ControlFeed
+from worker.executor import BatchRun, Executor
+from worker.served import ServedModels
+from worker.stats import Stats
+from worker.window import WindowModel
+from worker.work import Accepted, Batch, Outcome, Stream
+from worker.writer import Writer
+
+READ_AHEAD_BATCHES = 2  # a reader pauses while its backlog holds this many batches
+
+
+def now_ms() -> float:
+    return time.time() * 1000.0
+
+
+@dataclass
+class _Backlog:
+    stream: Stream
+    items: deque[Accepted] = field(default_factory=deque)
+    rows: int = 0
+    more_waiting: bool = False  # the last read filled its COUNT: Redis holds more
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    window: WindowModel = field(default_factory=WindowModel)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        streams: Sequence[Stream],
+        *,
+        served: ServedModels,
+        executor: Executor,
+        writer: Writer,
+        feed: ControlFeed,
+        stats: Stats,
+        worker: str,
+        batch_policy: str = "",
+    ) -> None:
+        self._backlogs = {s.queue: _Backlog(s) for s in streams}
+        self._served = served
+        self._executor = executor
+        self._writer = writer
+        self._feed = feed
+        self._stats = stats
+        self._worker = worker
+        self._policy = batch_policy  # overrides each model's own when set
+        self._work = asyncio.Event()
+        self._stopping = False  # stop waiting for batches to fill
+        self._closed = False  # no more requests will come: drain and return
+
+    # -- the readers' side ----------------------------------------------------
+
+    def add(self, stream: Stream, items: Sequence[Accepted]) -> None:
+        backlog = self._backlogs[stream.queue]
+        backlog.items.extend(items)
+        rows = sum(p.rows for p in items)
+        backlog.rows += rows
+        backlog.window.record_arrival(rows)
+        backlog.changed.set()
+        self._work.set()
+
+    def note_more_waiting(self, stream: Stream, more: bool) -> None:
+        self._backlogs[stream.queue].more_waiting = more
+
+    async def wait_for_room(self, stream: Stream, stop: asyncio.Event) -> bool:
+        """True if the stream's backlog has room for another read; else wait
+        until it changes (or ``stop``) and return False."""
+        backlog = self._backlogs[stream.queue]
+        if backlog.rows < READ_AHEAD_BATCHES * self._max_rows(backlog):
+            return True
+        backlog.changed.clear()
+        await wait_any(backlog.changed, stop)
+        return False
+
+    # -- the service's side ---------------------------------------------------
+
+    def stop_filling(self) -> None:
+        """A stop was requested: batches no longer wait to fill."""
+        self._stopping = True
+        self._work.set()
+
+    def close(self) -> None:
+        """The readers are done: ``run`` drains the backlog and returns."""
+        self._closed = True
+        self._work.set()
+
+    async def run(self) -> None:
+        running: deque[tuple[asyncio.Future[BatchRun], Batch]] = deque()
+        backlogs = list(self._backlogs.values())
+        turn = 0
+        while True:
+            ready = [b for b in backlogs if b.items]
+            full = sorted(
+                (b for b in ready if b.rows >= self._max_rows(b)), key=lambda b: -b.stream.priority
+            )
+            urgent = max((b.stream.priority for b in ready), default=NORMAL)
+            if running and (len(running) > 1 or not full or full[0].stream.priority < urgent):
+                computing, batch = running.popleft()
+                await self._finish(batch, await computing)
+                continue
+            if not ready:
+                if self._closed:
+                    return
+                self._work.clear()
+                if any(b.items for b in backlogs):
+                    continue
+                await self._work.wait()
+                continue
+            candidates = full if running else ready
+            top = max(b.stream.priority for b in candidates)
+            candidates = [b for b in candidates if b.stream.priority == top]
+            backlog = candidates[turn % len(candidates)]
+            turn += 1
+            if not running:
+                await self._fill_window(backlog)
+            items = await self._drop_settled(self._take(backlog))
+            if items:
+                # the model looked up now: a reload switches it for the next batch only
+                batch = Batch(backlog.stream, self._served[backlog.stream.model], tuple(items))
+                running.append((self._executor.start(batch), batch))
+
+    # -- batch formation --------------------------------------------------------
+
+    def _max_rows(self, backlog: _Backlog) -> int:
+        return self._served[backlog.stream.model].spec.max_batch_size
+
+    def _take(self, backlog: _Backlog) -> list[Accepted]:
+        """The next batch: whole requests up to max_batch_size rows."""
+        taken: list[Accepted] = []
+        rows = 0
+        max_rows = self._max_rows(backlog)
+        while backlog.items:
+            head = backlog.items[0]
+            if taken and (head.redelivered or taken[0].redelivered):
+                break
+            if taken and rows + head.rows > max_rows:
+                break
+            backlog.items.popleft()
+            rows += head.rows
+            taken.append(head)
+        backlog.rows -= rows
+        backlog.changed.set()  # wakes a reader waiting for room
+        return taken
+
+    async def _fill_window(self, backlog: _Backlog) -> None:
+        """Wait up to max_delay_ms for more rows while the batch policy says it pays off."""
+        config = self._served[backlog.stream.model].config
+        delay_s = config.max_delay_ms / 1000
+        adaptive = (self._policy or config.batch_policy) == "adaptive"
+        max_rows = self._max_rows(backlog)
+
+        def keep_waiting() -> bool:
+            if backlog.rows >= max_rows or self._stopping:
+                return False
+            return backlog.window.worth_waiting(backlog.rows) if adaptive else backlog.more_waiting
+
+        if delay_s <= 0 or not keep_waiting():
+            return
+        deadline = time.monotonic() + delay_s
+        while keep_waiting():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            backlog.changed.clear()
+            try:
+                await asyncio.wait_for(backlog.changed.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _drop_settled(self, items: list[Accepted]) -> list[Accepted]:
+        """Answer cancelled and expired requests without computing them (local
+        checks only: no round trip on the way to the device)."""
+        now = now_ms()
+        keep: list[Accepted] = []
+        settled: list[Outcome] = []
+        for item in items:
+            request = item.request
+            if self._feed.is_cancelled(request.id):
+                result = Result.failure(request.id, "cancelled", "cancelled", "request cancelled")
+            elif request.deadline_ms is not None and request.deadline_ms < now:
+                result = Result.failure(
+                    request.id, "expired", "expired", "deadline passed before compute"
+                )
+            else:
+                keep.append(item)
+                continue
+            result.worker = self._worker
+            settled.append(
+                Outcome(item.stream.queue, item.entry_id, request.id, request.reply_to,
+                        pack_result(result))
+            )  # fmt: skip
+        await self._writer.put(settled)
+        return keep
+
+    async def _finish(self, batch: Batch, run: BatchRun) -> None:
+        outcomes = self._executor.outcomes(batch, run, self._worker)
+        self._backlogs[batch.stream.queue].window.record_batch(batch.rows, run.infer_ms)
+        self._stats.record_batch(batch, run)
+        await self._writer.put(outcomes)
