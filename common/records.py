@@ -60,11 +60,7 @@ class WorkerHeartbeat:
 
     @classmethod
     def decode(cls, raw: bytes | str) -> WorkerHeartbeat:
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError("a worker heartbeat is a JSON object")
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        return cls(**_known_fields(cls, raw, "a worker heartbeat"))
 
     def as_report(self, at_ms: float | None = None) -> dict[str, Any]:
         """The record as status pages show it: ``alive`` means live now, plus
@@ -75,6 +71,16 @@ class WorkerHeartbeat:
         report["alive"] = self.is_live(at)
         report["last_seen_s_ago"] = round((at - self.last_seen_ms) / 1000, 1)
         return report
+
+
+def _known_fields(record: type, raw: bytes | str, what: str) -> dict[str, Any]:
+    """The fields of a JSON object that ``record`` (a dataclass) has: a newer
+    writer's extra fields are ignored. ValueError if it is no JSON object."""
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} is a JSON object")
+    known = {f.name for f in fields(record)}
+    return {k: v for k, v in data.items() if k in known}
 
 
 def decode_heartbeats(raw: Mapping[Any, Any]) -> list[WorkerHeartbeat]:
@@ -205,11 +211,7 @@ class BatchRecord:
 
     @classmethod
     def decode(cls, raw: bytes | str) -> BatchRecord:
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError("a batch record is a JSON object")
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
+        data = _known_fields(cls, raw, "a batch record")
         data["inputs"] = tuple(data.get("inputs", ()))
         data["outputs"] = tuple(data.get("outputs", ()))
         return cls(**data)

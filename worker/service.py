@@ -89,16 +89,17 @@ def build_parts(
     stats = Stats(metrics=worker_metrics())
     committer = committer or Committer(redis, keys, settings.redis.result_ttl_s)
     writer = Writer(redis, keys, committer, leases)
+    readers: dict[str, StreamReader] = {}  # by queue, filled below
+    upkeep = Upkeep(
+        settings=settings.worker, redis=redis, keys=keys, consumer=name, streams=streams,
+        served=served, leases=leases, writer=writer, stats=stats, device_info=device_info,
+        on_reclaimed=lambda stream: readers[stream.queue].recover(), on_orphaned=on_orphaned,
+    )  # fmt: skip
     device = str(executor.device)
-    upkeep_ref: list[Upkeep] = []
-
-    async def republish() -> None:
-        await upkeep_ref[0].heartbeat()
-
     reloader = ModelReloader(
         served,
         lambda old: load_model(old.config, device, executor.warm_up),
-        republish,
+        upkeep.heartbeat,  # republishes the models
         watch=settings.worker.watch_models,
     )
     feed = ControlFeed(redis, keys, settings.worker.block_ms / 1000, reloader.on_control)
@@ -106,29 +107,14 @@ def build_parts(
         streams, served=served, executor=executor, writer=writer, feed=feed, stats=stats,
         worker=name, batch_policy=settings.worker.batch_policy,
     )  # fmt: skip
-    readers = [
-        StreamReader(
-            stream,
-            settings=settings,
-            redis=redis,
-            consumer=name,
-            served=served,
-            scheduler=scheduler,
-            writer=writer,
-            leases=leases,
-            feed=feed,
-            stats=stats,
-        )
-        for stream in streams
-    ]
-    by_queue = {reader.stream.queue: reader for reader in readers}
-    upkeep = Upkeep(
-        settings=settings.worker, redis=redis, keys=keys, consumer=name, streams=streams,
-        served=served, leases=leases, writer=writer, stats=stats, device_info=device_info,
-        on_reclaimed=lambda stream: by_queue[stream.queue].recover(), on_orphaned=on_orphaned,
-    )  # fmt: skip
-    upkeep_ref.append(upkeep)
-    return WorkerParts(served, readers, scheduler, executor, writer, upkeep, feed, reloader)
+    for stream in streams:
+        readers[stream.queue] = StreamReader(
+            stream, settings=settings, redis=redis, consumer=name, served=served,
+            scheduler=scheduler, writer=writer, leases=leases, feed=feed, stats=stats,
+        )  # fmt: skip
+    return WorkerParts(
+        served, list(readers.values()), scheduler, executor, writer, upkeep, feed, reloader
+    )
 
 
 class WorkerService:
