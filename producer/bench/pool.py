@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from common.aio import run
+from common.devices import parse_devices
 from common.envelope import Request, pack_request
 from common.runtime_env import MALLOC_ENV
 from common.settings import Settings
@@ -33,18 +34,18 @@ from producer.bench.cpu_account import cpu_by_role, format_cpu, per_request_us
 from producer.bench.loadgen import random_inputs, run_load
 from producer.bench.reference import CHUNK, bare_transport, inprocess_rate
 from producer.client import AsyncClient, Submission
-from producer.ops.stack import ensure_example_models, expected_workers, local_stack
+from producer.ops.stack import ensure_example_models, local_stack
 
 
 def run_bench(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.replace(worker=replace(settings.worker, threads=args.threads))
     ensure_example_models(settings)
     model = settings.model(args.model)
-    slots = expected_workers(args.devices) or 1
+    slots = parse_devices(args.devices, threads=args.threads)
     env = {**MALLOC_ENV, "TQ_WORKER_THREADS": str(args.threads)}
     print(
         f"tensorq bench: model {model.name}, {args.requests} requests x {args.rows} row(s), "
-        f"devices {args.devices} ({slots} worker(s) x {args.threads} thread(s))",
+        f"devices {args.devices} ({len(slots)} worker(s) x {args.threads} thread(s))",
         flush=True,
     )
     with local_stack(settings, devices=args.devices, extra_env=env) as stack:
@@ -58,7 +59,8 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
         )
     batch = max(1, round(figures["mean_batch_rows"]))
     figures["inprocess_batch"] = batch
-    figures["worker_slots"] = slots
+    figures["worker_slots"] = len(slots)
+    figures["devices"] = args.devices
     figures["inprocess_items_per_s"] = inprocess_rate(
         str(model.path), figures["spec_json"], batch, args.threads, slots
     )

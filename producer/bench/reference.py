@@ -1,8 +1,10 @@
 """The references ``tensorq bench`` (and ``bench-score``) measure against,
 each run as its own process, so the producer never imports torch:
 
-python -m producer.bench.reference inprocess --model F --spec JSON --batch B --threads T
-    the TorchScript model called in-process on batches of B rows; prints items/s
+python -m producer.bench.reference inprocess --model F --spec JSON --batch B --threads T --device D
+    the TorchScript model called in-process on batches of B rows; prints items/s.
+    On a GPU each call copies its inputs from pinned host memory to the
+    device and its outputs back, as the worker does.
 python -m producer.bench.reference bare --redis URL --stream K --count N
     the bare transport consumer: XREADGROUP COUNT 256 -> pipelined SET + XACK,
     no model, no decode; pushes its finish time when it has consumed N entries
@@ -19,31 +21,36 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
 
+from common.devices import DeviceSlot
 from common.keys import REQUEST_FIELD
-from common.runtime_env import MALLOC_ENV
 from common.spec import ModelSpec
 
 BARE_GROUP = "bench"
 CHUNK = 256  # entries per pipelined round trip
 
 
-def inprocess_rate(path: str, spec_json: str, batch: int, threads: int, slots: int) -> float:
-    """Reference (a): the model in-process, one process per worker slot, run
-    at the same time; items/s summed."""
-    env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": str(threads)}
-    cmd = [
-        sys.executable, "-m", "producer.bench.reference", "inprocess", "--model", path,
-        "--spec", spec_json, "--batch", str(batch), "--threads", str(threads),
-    ]  # fmt: skip
-    procs = [
-        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, preexec_fn=normal_priority)
-        for _ in range(slots)
-    ]
+def inprocess_rate(
+    path: str, spec_json: str, batch: int, threads: int, slots: Sequence[DeviceSlot]
+) -> float:
+    """Reference (a): the model in-process, one process per worker slot,
+    pinned as the worker of that slot is, run at the same time; items/s summed."""
+    procs = []
+    for slot in slots:
+        env = {**os.environ, **slot.environment(), "OMP_NUM_THREADS": str(threads)}
+        cmd = [
+            sys.executable, "-m", "producer.bench.reference", "inprocess", "--model", path,
+            "--spec", spec_json, "--batch", str(batch), "--threads", str(threads),
+            "--device", slot.torch_device,
+        ]  # fmt: skip
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, preexec_fn=normal_priority)
+        )
     total = 0.0
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
@@ -86,7 +93,7 @@ def normal_priority() -> None:
 
 
 def run_inprocess(
-    model_path: str, spec_json: str, batch: int, threads: int, seconds: float
+    model_path: str, spec_json: str, batch: int, threads: int, seconds: float, device: str
 ) -> float:
     import torch
 
@@ -94,17 +101,26 @@ def run_inprocess(
 
     torch.set_num_threads(threads)
     spec = ModelSpec.from_json(spec_json)
-    module = torch.jit.load(model_path)  # type: ignore[no-untyped-call]
+    module = torch.jit.load(model_path, map_location=device)  # type: ignore[no-untyped-call]
     module.eval()
     arrays = random_inputs(spec.inputs, batch, np.random.default_rng(0), max_len=16)
-    tensors = [torch.from_numpy(arrays[t.name]) for t in spec.inputs]
+    cuda = device.startswith("cuda")
+    host = [torch.from_numpy(arrays[t.name]) for t in spec.inputs]
+    if cuda:
+        host = [t.pin_memory() for t in host]
+
+    def call() -> None:
+        out = module(*(t.to(device, non_blocking=cuda) for t in host))
+        for tensor in out if isinstance(out, tuple | list) else [out]:
+            tensor.cpu()  # the worker copies every output back (a sync on a GPU)
+
     with torch.inference_mode():
         for _ in range(3):  # warm-up
-            module(*tensors)
+            call()
         calls = 0
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
-            module(*tensors)
+            call()
             calls += 1
         elapsed = time.perf_counter() - start
     return calls * batch / elapsed
@@ -139,13 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     inproc.add_argument("--batch", type=int, required=True)
     inproc.add_argument("--threads", type=int, required=True)
     inproc.add_argument("--seconds", type=float, default=3.0)
+    inproc.add_argument("--device", default="cpu")
     bare = verbs.add_parser("bare")
     bare.add_argument("--redis", required=True)
     bare.add_argument("--stream", required=True)
     bare.add_argument("--count", type=int, required=True)
     args = parser.parse_args(argv)
     if args.verb == "inprocess":
-        rate = run_inprocess(args.model, args.spec, args.batch, args.threads, args.seconds)
+        rate = run_inprocess(
+            args.model, args.spec, args.batch, args.threads, args.seconds, args.device
+        )
         print(json.dumps({"items_per_s": rate}))
     else:
         run_bare_consumer(args.redis, args.stream, args.count)
