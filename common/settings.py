@@ -96,6 +96,7 @@ class ModelConfig:
     max_delay_ms: float = 2.0
     max_queue_len: int = 100_000
     batch_policy: str = "fixed"  # fixed | adaptive (see worker/window.py)
+    max_batch_bytes: int = 256 * 1024 * 1024  # padded size of one forward's inputs
 
     def __post_init__(self) -> None:
         if self.batch_policy not in ("fixed", "adaptive"):
@@ -111,7 +112,11 @@ class ModelConfig:
             outputs=self.outputs,
             max_batch_size=self.max_batch_size,
             version=version,
-            extra={"max_queue_len": self.max_queue_len, "max_delay_ms": self.max_delay_ms},
+            extra={
+                "max_queue_len": self.max_queue_len,
+                "max_delay_ms": self.max_delay_ms,
+                "max_batch_bytes": self.max_batch_bytes,
+            },
         )
 
 
@@ -229,6 +234,7 @@ _MODEL_KEYS = {
     "max_delay_ms",
     "max_queue_len",
     "batch_policy",
+    "max_batch_bytes",
 }
 _TENSOR_KEYS = {"name", "dtype", "shape", "pad_value"}
 
@@ -254,6 +260,7 @@ def _model_config(raw: Mapping[str, Any], base: Path) -> ModelConfig:
             max_delay_ms=float(raw.get("max_delay_ms", 2.0)),
             max_queue_len=int(raw.get("max_queue_len", 100_000)),
             batch_policy=str(raw.get("batch_policy", "fixed")),
+            max_batch_bytes=int(raw.get("max_batch_bytes", ModelConfig.max_batch_bytes)),
         )
     except KeyError as exc:
         raise ConfigError(f"[[models]] entry needs {exc.args[0]!r}") from None

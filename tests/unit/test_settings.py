@@ -287,7 +287,11 @@ def test_model_config_spec_carries_queue_settings(tmp_path: Path) -> None:
     assert spec.name == "mlp"
     assert spec.max_batch_size == 128
     assert spec.version == "v3"
-    assert dict(spec.extra) == {"max_queue_len": 500, "max_delay_ms": 2.0}
+    assert dict(spec.extra) == {
+        "max_queue_len": 500,
+        "max_delay_ms": 2.0,
+        "max_batch_bytes": 256 * 1024 * 1024,
+    }
 
 
 def test_settings_are_frozen(tmp_path: Path) -> None:
