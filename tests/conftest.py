@@ -178,12 +178,13 @@ def start_pool(tmp_path: Path) -> Iterator[Callable[..., PoolHandle]]:
 
     def start(
         config: Path, redis_url: str, *, devices: str = "cpu*2", workers: int = 2,
-        env: dict[str, str] | None = None, wait: bool = True,
+        env: dict[str, str] | None = None, wait: bool = True, log_format: str = "text",
     ) -> PoolHandle:  # fmt: skip
         log_path = tmp_path / f"pool-{len(pools)}.log"
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "common.cli", "--log-level", "info", "worker",
+                sys.executable, "-m", "common.cli", "--log-level", "info",
+                "--log-format", log_format, "worker",
                 "--config", str(config), "--redis", redis_url, "--devices", devices,
             ],
             cwd=ROOT,

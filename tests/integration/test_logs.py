@@ -4,34 +4,25 @@ lifecycle events at INFO and nothing per request."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from producer import Client
-from tests.conftest import ROOT, PoolHandle, write_config
+from tests.conftest import PoolHandle, write_config
 
 
 def test_json_logs_cover_the_lifecycle_and_not_each_request(
-    tmp_path: Path, models_dir: Path, redis_url: str
+    tmp_path: Path, models_dir: Path, redis_url: str, start_pool: Callable[..., PoolHandle]
 ) -> None:
     config = write_config(tmp_path / "t.toml", models_dir)
-    log_path = tmp_path / "pool.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "--log-format", "json", "worker",
-         "--config", str(config), "--redis", redis_url, "--devices", "cpu"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"),
-    )  # fmt: skip
-    pool = PoolHandle(process, redis_url, log_path, workers=1)
-    pool.wait_ready()
+    pool = start_pool(config, redis_url, devices="cpu", workers=1, log_format="json")
     with Client(redis_url) as client:
         for _ in range(50):
             client.infer("mlp", {"x": np.ones((1, 256), np.float32)}, timeout=30)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(60) == 0
+    assert pool.stop() == 0
+    log_path = pool.log_path
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     messages = [r["message"] for r in records]
     assert all({"ts", "level", "logger", "process", "message"} <= set(r) for r in records)

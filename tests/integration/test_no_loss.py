@@ -210,10 +210,13 @@ max_delay_ms = 0
   shape = [10]
 """
     config = write_config(tmp_path / "slow.toml", models_dir, extra=slow_model)
-    pool = start_pool(config, redis_url, env={"TQ_WORKER_CLAIM_IDLE_MS": "400"})
+    # The margin is wide on purpose: renewal runs every claim_idle_ms / 3, so a
+    # reclaim needs the renewing loop to stall for 1.3 s, which a loaded CI
+    # machine does not do, while each forward outlasts the timeout threefold.
+    pool = start_pool(config, redis_url, env={"TQ_WORKER_CLAIM_IDLE_MS": "2000"})
     x = np.zeros((1, 256), np.float32)
-    x[0, 0] = 3_000_000  # about 1.5 s of forward here, several visibility timeouts
-    ids = [f"long-{i}" for i in range(6)]
+    x[0, 0] = 12_000_000  # about 6 s of forward here: three visibility timeouts
+    ids = [f"long-{i}" for i in range(4)]
     for request_id in ids:
         request = Request(request_id, "slow", {"x": x}, None, INBOX)
         sync_redis.xadd(KEYS.queue("slow"), {"req": pack_request(request)})
