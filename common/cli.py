@@ -15,10 +15,9 @@ from typing import Any
 
 from common.errors import TensorQError
 from common.logs import FORMATS, configure_logging
-from common.settings import Settings, load_settings
+from common.settings import DEFAULT_CONFIG, Settings, load_settings
 
 ENTRY_POINT_GROUP = "tensorq.commands"
-DEFAULT_CONFIG = Path("config/tensorq.toml")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 

@@ -65,7 +65,9 @@ def as_wire_array(value: object, *, name: str = "tensor") -> np.ndarray[Any, Any
     """Turn a user's numpy array or torch tensor into a wire-storage array.
 
     torch tensors are moved to the CPU; bfloat16 becomes its uint16 bits.
-    A numpy uint16 array is refused: uint16 is not a wire dtype.
+    A numpy uint16 array is refused: uint16 is not a wire dtype. A big-endian
+    array (``>f4``, as some file formats and network code hand out) is
+    converted to the wire's little-endian byte order: a copy, the same values.
     """
     if type(value).__module__.startswith("torch"):
         tensor: Any = value
@@ -81,6 +83,9 @@ def as_wire_array(value: object, *, name: str = "tensor") -> np.ndarray[Any, Any
         raise ProtocolError(
             f"{name}: dtype {array.dtype} is not a wire dtype (one of {', '.join(WIRE_DTYPES)})"
         )
+    storage = WIRE_DTYPES[_NUMPY_TO_WIRE[native]]
+    if array.dtype != storage:  # the same type in the other byte order
+        return array.astype(storage)
     return array
 
 

@@ -17,7 +17,8 @@ import numpy as np
 from common.codec import DEFAULT_LIMITS, CodecLimits, decode_tensor, encode_tensor
 from common.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 1  # what pack_* write
+KNOWN_VERSIONS = (1,)  # what unpack_* read
 
 Status = Literal["ok", "error", "expired", "cancelled"]
 STATUSES: tuple[str, ...] = ("ok", "error", "expired", "cancelled")
@@ -85,6 +86,17 @@ def unpack_request(payload: bytes, limits: CodecLimits = DEFAULT_LIMITS) -> Requ
     return Request(request_id, model, *fields)
 
 
+def check_version(body: Mapping[Any, Any], what: str) -> None:
+    """Refuse a message of a protocol version this code does not know (its
+    fields may mean something else); a message without ``v`` is read as 1."""
+    version = body.get("v", PROTOCOL_VERSION)
+    if type(version) is not int or version not in KNOWN_VERSIONS:
+        known = ", ".join(map(str, KNOWN_VERSIONS))
+        raise ProtocolError(
+            f"{what}: protocol version {version!r:.20} is not one this tensorq reads ({known})"
+        )
+
+
 class RequestFields(NamedTuple):
     inputs: Arrays
     deadline_ms: int | None
@@ -93,8 +105,10 @@ class RequestFields(NamedTuple):
 
 
 def decode_request_fields(body: Mapping[Any, Any], limits: CodecLimits) -> RequestFields:
-    """Validate and decode a request map's inputs, deadline, reply_to and
-    priority (shared by the stream decoder and the gateway's msgpack bodies)."""
+    """Validate and decode a request map's version, inputs, deadline,
+    reply_to and priority (shared by the stream decoder and the gateway's
+    msgpack bodies)."""
+    check_version(body, "request")
     raw_inputs = body.get("inputs")
     if not isinstance(raw_inputs, Mapping) or not raw_inputs:
         raise ProtocolError("request: 'inputs' must be a non-empty map of name -> tensor")
@@ -140,6 +154,10 @@ def unpack_result(payload: bytes, limits: CodecLimits = DEFAULT_LIMITS) -> Resul
     status = body.get("status")
     if not isinstance(request_id, str) or status not in STATUSES:
         raise ProtocolError("result: needs a string 'id' and a known 'status'")
+    try:
+        check_version(body, "result")
+    except ProtocolError as exc:
+        raise ProtocolError(exc.message, request_id=request_id) from None
     try:
         result = Result(
             request_id,

@@ -56,6 +56,24 @@ class QueueFull(TensorQError):
         self.refused: list[str] = [request_id] if request_id else []
 
 
+class DuplicateRequest(TensorQError):
+    """A request id that is still in flight in this client (or, at the
+    gateway, already in use) was submitted again (HTTP 409). Nothing was
+    enqueued; reusing an id after its result arrived is allowed."""
+
+    code = "duplicate_request"
+    http_status = 409
+
+
+class UnknownRequest(TensorQError):
+    """wait/result of an id nobody submitted, whose result has expired, or
+    that is not a valid request id (HTTP 404); raised at once, not after
+    the timeout."""
+
+    code = "unknown_request"
+    http_status = 404
+
+
 class RequestTimeout(TensorQError):
     """No result within the caller's timeout, or the request expired (HTTP 504)."""
 

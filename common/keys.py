@@ -11,17 +11,31 @@ Layout (``tq`` is the configurable prefix; ``<x>`` a placeholder):
                         element is a msgpack result; TTL renewed on each push
     tq:dead:<model>     stream of dead letters: fields ``req`` (raw bytes) and ``reason``
     tq:cancel:<id>      present (with a TTL) when a request was cancelled; the id is
-                        also published on the channel ``tq:cancelled`` so workers
-                        need no round trip per batch to notice it
+                        also published on the channel ``tq:cancelled:db<n>`` so
+                        workers need no round trip per batch to notice it
     tq:acc:<id>         JSON marker written by the gateway when it accepts an async request
-                        (POST /v1/models/<m>/requests), TTL = the result TTL: tells
+                        (POST /v1/models/<m>/requests), and by the client's enqueue script
+                        for an id its caller chose; TTL = the result TTL: tells
                         "pending" (202) from "unknown" (404) and refuses a reused id
-    tq:control          pub/sub channel of control messages to workers (model reloads)
+    tq:sub:<client>     the highest n of the ids <client>-<n> a client generated and
+                        enqueued (TTL = the result TTL): marks all of them accepted
+    tq:control:db<n>    pub/sub channel of control messages to workers (model reloads,
+                        ``common.records.ControlMessage``)
+    tq:reply:<token>    list a control message's sender waits on: each worker that acted
+                        on it pushes one JSON answer (``common.records.ReloadAnswer``);
+                        TTL ``REPLY_TTL_S``
     tq:batch:<id>       JSON record of an offline batch (``common.records.BatchRecord``);
                         ``:jobs`` its RQ job ids
     tq:workers          hash: worker name -> JSON heartbeat and stats
                         (``common.records.WorkerHeartbeat``)
     tq:models           hash: model name -> JSON ModelSpec, written by workers
+
+Pub/sub ignores the database number (a message published on db 1 reaches
+subscribers on every database of the server), so the channel names carry
+it: ``<n>`` is the database of the deployment's URL (``redis://h/1`` ->
+``tq:control:db1``; 0 without one and on Redis Cluster, which has only
+database 0). With the prefix, that scopes announcements to one deployment:
+a pool never obeys another database's reloads or cancels.
 
 On Redis Cluster (``Keys(cluster=True)``) the same names carry hash tags so
 that no command spans two slots: a model's keys tag the model
@@ -44,15 +58,19 @@ NORMAL, HIGH = 0, 1  # request priorities: workers fill batches from HIGH first
 REQUEST_FIELD = "req"
 
 
+REPLY_TTL_S = 300  # how long a control message's answers wait for their reader
+
+
 @dataclass(frozen=True)
 class Keys:
     prefix: str = "tq"
     cluster: bool = False
+    db: int = 0  # the database number, which scopes the pub/sub channels
 
     @classmethod
     def of(cls, redis: RedisSettings) -> Keys:
-        """The key builder for a deployment's Redis settings."""
-        return cls(redis.prefix, redis.is_cluster)
+        """The key builder for a deployment's Redis settings (prefix, Cluster, database)."""
+        return cls(redis.prefix, redis.is_cluster, redis.db)
 
     def _tag(self, part: str) -> str:
         return f"{{{part}}}" if self.cluster else part
@@ -97,13 +115,23 @@ class Keys:
 
     @property
     def cancel_channel(self) -> str:
-        """Pub/sub channel carrying the ids of cancelled requests."""
-        return f"{self.prefix}:cancelled"
+        """Pub/sub channel carrying the ids of cancelled requests (of this database)."""
+        return f"{self.prefix}:cancelled:db{self.db}"
 
     @property
     def control_channel(self) -> str:
-        """Pub/sub channel of JSON control messages to workers (``{"op": "reload", ...}``)."""
-        return f"{self.prefix}:control"
+        """Pub/sub channel of JSON control messages to this database's workers
+        (``{"op": "reload", ...}``)."""
+        return f"{self.prefix}:control:db{self.db}"
+
+    def reply(self, token: str) -> str:
+        """The list a control message's answers are pushed to."""
+        return f"{self.prefix}:reply:{token}"
+
+    def is_reply(self, key: str) -> bool:
+        """Whether ``key`` names a reply list (a control message's ``reply_to`` must)."""
+        empty = self.reply("")
+        return key.startswith(empty) and len(key) > len(empty)
 
     @property
     def workers(self) -> str:
@@ -112,3 +140,11 @@ class Keys:
     @property
     def models(self) -> str:
         return f"{self.prefix}:models"
+
+    def submitted(self, client_id: str) -> str:
+        """The highest counter ``<n>`` of the ids ``<client_id>-<n>`` a Python
+        client generated and enqueued (TTL: the result TTL): with
+        ``accepted(id)`` for the ids callers chose, what tells a request in
+        flight from an unknown id (``producer/client/enqueue.py``). Single
+        node only: on Cluster the enqueue script cannot reach it."""
+        return f"{self.prefix}:sub:{client_id}"

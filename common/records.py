@@ -2,9 +2,11 @@
 record each, with the only encode/decode of that value:
 
     WorkerHeartbeat  ``tq:workers`` hash field (JSON): a worker's device, models, stats
-    ControlMessage   ``tq:control`` pub/sub message (JSON): e.g. a model reload
+    ControlMessage   ``tq:control:db<n>`` pub/sub message (JSON): e.g. a model reload
+    ReloadAnswer     ``tq:reply:<token>`` list element (JSON): one worker's reload outcome
     DeadLetter       ``tq:dead:<model>`` stream entry: the raw request and why
     AcceptedMarker   ``tq:acc:<id>`` (JSON): the gateway accepted this async request
+                     (the Python client marks a caller-chosen id with the same key)
     BatchRecord      ``tq:batch:<id>`` (JSON): an offline batch's parameters
 
 (The model registry entry, ``tq:models``, is ``common.spec.ModelSpec``'s JSON.)
@@ -130,24 +132,74 @@ RELOAD = "reload"
 
 @dataclass(frozen=True)
 class ControlMessage:
-    """A message to every worker of a deployment on ``tq:control``."""
+    """A message to every worker of a deployment on ``tq:control:db<n>``.
+    ``reply_to`` (a ``tq:reply:<token>`` list) asks each worker that acts on
+    it for a ``ReloadAnswer``; empty: nobody waits for one."""
 
     op: str  # "reload"
     model: str
+    reply_to: str = ""
 
     def encode(self) -> str:
-        return json.dumps({"op": self.op, "model": self.model})
+        body = {"op": self.op, "model": self.model}
+        if self.reply_to:
+            body["reply_to"] = self.reply_to
+        return json.dumps(body)
 
     @classmethod
     def decode(cls, raw: bytes | str) -> ControlMessage:
-        """Raises ValueError for anything but ``{"op": str, "model": str}``."""
+        """Raises ValueError for anything but ``{"op": str, "model": str[, "reply_to": str]}``."""
         data = json.loads(raw)
         if not isinstance(data, dict):
             raise ValueError("a control message is a JSON object")
-        op, model = data.get("op"), data.get("model")
+        op, model, reply_to = data.get("op"), data.get("model"), data.get("reply_to", "")
         if not isinstance(op, str) or not isinstance(model, str):
             raise ValueError("a control message needs string fields 'op' and 'model'")
-        return cls(op, model)
+        if not isinstance(reply_to, str):
+            raise ValueError("a control message's 'reply_to' is a string")
+        return cls(op, model, reply_to)
+
+
+RELOADED, UNCHANGED, FAILED = "reloaded", "unchanged", "failed"
+
+
+@dataclass(frozen=True)
+class ReloadAnswer:
+    """What one worker serving a model did with a reload: switched to a new
+    version, found the file unchanged, or failed to load it (and kept the old)."""
+
+    model: str
+    outcome: str  # reloaded | unchanged | failed
+    version: str = ""  # the version it serves now
+    previous: str = ""  # the version it served before
+    error: str = ""  # why it failed
+    worker: str = ""  # filled in by the worker's upkeep, which knows its name
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in (RELOADED, UNCHANGED)
+
+    def encode(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> ReloadAnswer:
+        data = _known_fields(cls, raw, "a reload answer")
+        if not all(isinstance(v, str) for v in data.values()) or "outcome" not in data:
+            raise ValueError("a reload answer has string fields, 'outcome' among them")
+        return cls(**{"model": "", **data})
+
+    def describe(self) -> str:
+        """One line, as ``tensorq models reload`` prints it."""
+        if self.outcome == RELOADED:
+            versions = f"{self.previous} -> {self.version}"
+            return f"{self.worker}: {self.model} reloaded, version {versions}"
+        if self.outcome == UNCHANGED:
+            return f"{self.worker}: {self.model} unchanged (version {self.version})"
+        return (
+            f"{self.worker}: {self.model} reload FAILED, still serving version "
+            f"{self.version}: {self.error}"
+        )
 
 
 @dataclass(frozen=True)

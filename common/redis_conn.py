@@ -32,27 +32,17 @@ from redis.exceptions import (
 )
 
 from common.errors import RedisUnavailable
+from common.redis_url import check_url, mask_url
 from common.settings import RedisSettings
 
 # Retried transparently by redis-py, with jittered exponential backoff.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (ConnectionError, TimeoutError)
 
 
-def mask_url(url: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host`` (cluster
-    URLs with several ``host:port`` too)."""
-    scheme, sep, rest = url.partition("://")
-    netloc, slash, tail = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{hosts}{slash}{tail}"
-
-
 def cluster_nodes(settings: RedisSettings) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     """The startup nodes and credentials of ``redis+cluster://[user:password@]h1:p1,h2:p2``
     (``rediss+cluster`` for TLS) or, with ``cluster = true``, of a plain URL naming one node."""
+    check_url(settings.url, cluster=True)
     scheme, _, rest = settings.url.partition("://")
     userinfo, _, hosts = rest.partition("/")[0].rpartition("@")
     username, _, password = userinfo.partition(":")
@@ -118,6 +108,7 @@ def cluster_client(
 def sync_client(settings: RedisSettings) -> redis.Redis:
     """A blocking client, for the few synchronous callers (the local stack,
     test fixtures): a ``redis.cluster.RedisCluster`` on Cluster."""
+    check_url(settings.url, cluster=settings.is_cluster)
     if not settings.is_cluster:
         return redis.Redis.from_url(
             settings.url,
@@ -143,6 +134,7 @@ def _retry() -> Retry:
 def pooled_client(settings: RedisSettings) -> aioredis.Redis:
     """The process's shared client: a blocking pool, so a burst waits for a
     connection instead of failing with 'Too many connections'."""
+    check_url(settings.url, cluster=settings.is_cluster)
     if settings.is_cluster:
         return cluster_client(settings, socket_timeout=settings.socket_timeout_s)
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -167,6 +159,7 @@ def blocking_client(settings: RedisSettings, block_ms: int) -> aioredis.Redis:
     stored results). redis-py's cluster client resends a command after a
     connection error, which would hide the loss (until the visibility
     timeout); the single-node client does not by default, and is told so."""
+    check_url(settings.url, cluster=settings.is_cluster)
     socket_timeout = block_ms / 1000 + settings.socket_timeout_s
     if settings.is_cluster:
         return cluster_client(settings, socket_timeout=socket_timeout, retry=_no_retry())

@@ -9,9 +9,10 @@ is checked by one function at submit time and again by the worker.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -71,6 +72,13 @@ class ModelSpec:
             raise ConfigError(f"model {self.name!r} declares no outputs")
         if self.max_batch_size < 1:
             raise ConfigError(f"model {self.name!r}: max_batch_size must be >= 1")
+
+    @property
+    def max_batch_bytes(self) -> int | None:
+        """The most bytes one forward's padded inputs may take (``[[models]]
+        max_batch_bytes``, published in ``extra``); None when unknown."""
+        limit = self.extra.get("max_batch_bytes")
+        return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -138,7 +146,69 @@ class ModelSpec:
                 f"{rows} rows exceed model {self.name!r} max_batch_size {self.max_batch_size}",
                 request_id=request_id,
             )
+        limit = self.max_batch_bytes
+        if limit is not None:
+            size = padded_bytes(self, [inputs])
+            if size > limit:
+                raise InvalidInput(
+                    f"inputs take {size} bytes, over model {self.name!r} max_batch_bytes {limit} "
+                    "(the most one forward's inputs may take): send fewer rows or shorter inputs",
+                    request_id=request_id,
+                )
         return rows
+
+
+class PaddedSize(NamedTuple):
+    """The padded size in bytes of one forward's inputs, grown request by
+    request: per input, rows x the product of the per-row shape padded to the
+    longest in the batch on each variable axis x the itemsize, summed over
+    inputs. The one place this is computed (client, reader and scheduler);
+    a tuple, so that the scheduler's per-request step stays cheap."""
+
+    spec: ModelSpec
+    rows: int = 0
+    shapes: tuple[tuple[int, ...], ...] = ()  # per input: its padded per-row shape so far
+    nbytes: int = 0
+
+    def join(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> PaddedSize:
+        """The size once a request with ``inputs`` (already checked) joins."""
+        tensors = self.spec.inputs
+        rows = self.rows + inputs[tensors[0].name].shape[0]
+        shapes = []
+        row_bytes = 0
+        for i, tensor in enumerate(tensors):
+            array = inputs[tensor.name]
+            shape = array.shape[1:]
+            if self.shapes and VARIABLE in tensor.shape:
+                shape = tuple(map(max, shape, self.shapes[i]))
+            shapes.append(shape)
+            row_bytes += math.prod(shape) * array.itemsize  # checked: the declared dtype
+        return PaddedSize(self.spec, rows, tuple(shapes), rows * row_bytes)
+
+
+def padded_bytes(spec: ModelSpec, requests: Iterable[Mapping[str, np.ndarray[Any, Any]]]) -> int:
+    """The padded size in bytes of one forward's inputs for ``requests`` batched
+    together (one request alone: the size of its inputs)."""
+    size = PaddedSize(spec)
+    for inputs in requests:
+        size = size.join(inputs)
+    return size.nbytes
+
+
+def check_output_axes(
+    model: str, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]
+) -> None:
+    """A variable output axis is cut back to each request's length on the
+    first variable input axis: refuse one on a model with no variable input."""
+    if any(t.variable_axes for t in inputs):
+        return
+    for tensor in outputs:
+        if tensor.variable_axes:
+            raise ConfigError(
+                f"model {model!r}: output {tensor.name!r} declares a variable axis "
+                f"(shape {list(tensor.shape)}) but no input has one, so there is no request "
+                "length to cut it back to: declare its fixed size instead of -1"
+            )
 
 
 def _fits(actual: tuple[int, ...], declared: tuple[int, ...]) -> bool:

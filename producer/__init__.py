@@ -7,20 +7,23 @@
     bench/     benchmarks: ``tensorq bench [--http | --report]``, ``bench-score``
 
 ``from producer import AsyncClient, Client`` imports the client and common
-only: no torch, aiohttp, rq or matplotlib. The typed errors are exported here
-beside the clients.
+only: no torch, aiohttp, rq or matplotlib. Every typed error of
+common/errors.py is exported here beside the clients (README: "Errors").
 """
 
 from common.errors import (
     ConfigError,
+    DuplicateRequest,
     InferenceError,
     InvalidInput,
+    MissingExtra,
     ProtocolError,
     QueueFull,
     RedisUnavailable,
     RequestTimeout,
     TensorQError,
     UnknownModel,
+    UnknownRequest,
 )
 from producer.client import AsyncClient, Client, Submission, outputs_of
 
@@ -28,8 +31,10 @@ __all__ = [
     "AsyncClient",
     "Client",
     "ConfigError",
+    "DuplicateRequest",
     "InferenceError",
     "InvalidInput",
+    "MissingExtra",
     "ProtocolError",
     "QueueFull",
     "RedisUnavailable",
@@ -37,5 +42,6 @@ __all__ = [
     "Submission",
     "TensorQError",
     "UnknownModel",
+    "UnknownRequest",
     "outputs_of",
 ]

@@ -17,8 +17,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,10 @@ import redis.asyncio as aioredis
 import torch
 from torch import Tensor, nn
 
+from common.aio import wait_any
 from common.envelope import Request, Result, pack_result, unpack_request
 from common.keys import Keys
+from common.records import WorkerHeartbeat, now_ms
 from common.settings import Settings, load_settings
 from common.spec import ModelSpec, TensorSpec
 from tests.conftest import ROOT
@@ -172,7 +174,8 @@ async def idle_model(
     redis: aioredis.Redis, name: str, *, dtype: str = "float32", max_queue_len: int = 100
 ) -> ModelSpec:
     """Publish a model spec no worker serves: its requests stay queued until a
-    test answers them with ``answer_next``."""
+    test answers them with ``answer_next`` (a sync infer needs a
+    ``stand_in_worker`` too, or the gateway refuses it with 503)."""
     spec = ModelSpec(
         name=name,
         inputs=(TensorSpec("x", dtype, (4,)),),
@@ -204,6 +207,32 @@ async def answer_next(
         pipe.xdel(KEYS.queue(model), entry_id)
         await pipe.execute()
     return request
+
+
+@asynccontextmanager
+async def stand_in_worker(redis: aioredis.Redis, *models: str) -> AsyncIterator[None]:
+    """A live worker serving ``models`` that answers nothing by itself (the
+    test answers with ``answer_next``): its heartbeat, renewed every second
+    until the block ends, then removed. The gateway answers a sync infer for
+    a model no live worker serves with 503 at once, so a test of a sync
+    request that waits needs one."""
+    name = f"stand-in-{'-'.join(models)}"
+    stop = asyncio.Event()
+
+    async def beat() -> None:
+        while not stop.is_set():
+            record = WorkerHeartbeat(name, os.getpid(), True, int(now_ms()), models=list(models))
+            await redis.hset(KEYS.workers, name, record.encode())
+            await wait_any(stop, timeout=1.0)
+
+    task = asyncio.create_task(beat(), name=name)
+    try:
+        await until(lambda: redis.hexists(KEYS.workers, name), what="the stand-in's heartbeat")
+        yield
+    finally:
+        stop.set()
+        await task
+        await redis.hdel(KEYS.workers, name)
 
 
 def doubled(request: Request) -> Result:

@@ -37,6 +37,11 @@ class Assembled:
     def rows(self) -> int:
         return self.offsets[-1]
 
+    @property
+    def longest(self) -> int:
+        """The longest request on the reference variable axis (0: none)."""
+        return max(self.lengths, default=0)
+
 
 def assemble(
     spec: ModelSpec, requests: Sequence[Arrays], allocate: Allocator = _numpy_empty
@@ -80,6 +85,39 @@ def split(spec: ModelSpec, assembled: Assembled, outputs: Arrays) -> list[Arrays
             per_request[tensor.name] = rows
         results.append(per_request)
     return results
+
+
+class OutputMismatch(Exception):
+    """A forward's output breaks its declared shape: a model error, bisected
+    like an exception the model raised."""
+
+
+def check_output(
+    model: str, tensor: TensorSpec, shape: Sequence[int], rows: int, longest: int
+) -> None:
+    """Raise OutputMismatch unless an output of ``shape`` fits ``tensor`` for
+    a batch of ``rows`` rows: exactly those rows first, then each declared
+    fixed axis at its size and each variable axis at least ``longest`` (the
+    longest request on the reference axis), so ``split`` can cut it back to
+    every request's length."""
+    got = tuple(shape)
+    if got == (rows, *tensor.shape):  # the common case: nothing variable
+        return
+    if (
+        len(got) == len(tensor.shape) + 1
+        and got[0] == rows
+        and all(
+            a >= longest if d == VARIABLE else a == d
+            for a, d in zip(got[1:], tensor.shape, strict=True)
+        )
+    ):
+        return
+    declared = ", ".join(map(str, tensor.shape))
+    variable = f", each -1 at least {longest} (the longest request)" if tensor.variable_axes else ""
+    raise OutputMismatch(
+        f"model {model!r} output {tensor.name!r}: got shape {list(got)}, declared "
+        f"[n, {declared}] with n = {rows} (the batch's rows){variable}"
+    )
 
 
 def _reference_lengths(spec: ModelSpec, requests: Sequence[Arrays]) -> tuple[int, ...]:

@@ -1,9 +1,11 @@
 """The control side of a worker: the deployment's broadcast feed and model
 reloads.
 
-``ControlFeed`` subscribes to ``tq:cancelled`` (ids of cancelled requests,
-kept in memory so the scheduler drops one without a Redis round trip) and
-``tq:control`` (``ControlMessage``: model reloads, handed to a callback).
+``ControlFeed`` subscribes to ``tq:cancelled:db<n>`` (ids of cancelled
+requests, kept in memory so the scheduler drops one without a Redis round
+trip) and ``tq:control:db<n>`` (``ControlMessage``: model reloads, handed to
+a callback); ``<n>`` is the deployment's database, so a pool hears only its
+own database's announcements (common/keys.py).
 Entries enqueued before the subscription was (re)established may have been
 cancelled while nobody listened; ``listening_since_ms`` (Redis server time)
 tells the reader which entries still need a key lookup.
@@ -12,7 +14,11 @@ tells the reader which entries still need a key lookup.
 thread, warmed up), then switches ``ServedModels``: the running batch
 finishes on the old module, the next one runs on the new; requests are
 never dropped. With ``watch_models`` it also reloads a model whose file
-changed.
+changed. A reload asked for with a ``reply_to`` list is answered there
+(``ReloadAnswer``: reloaded, unchanged or failed, and why) after the
+heartbeat that shows its outcome; a worker that does not serve the model
+stays silent (``tensorq models reload`` knows from the heartbeats whom to
+wait for).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -31,7 +38,7 @@ from redis.exceptions import RedisError
 from common.aio import wait_any
 from common.backoff import Backoff
 from common.keys import Keys
-from common.records import RELOAD, ControlMessage
+from common.records import FAILED, RELOAD, RELOADED, UNCHANGED, ControlMessage, ReloadAnswer
 from worker.registry import LoadedModel
 from worker.served import ServedModels
 
@@ -95,6 +102,10 @@ class ControlFeed:
         except ValueError as exc:
             log.warning("ignoring unreadable control message %r: %s", data[:100], exc)
             return
+        if message.reply_to and not self._keys.is_reply(message.reply_to):
+            log.warning("control message asks for answers at %r, not a reply list: not answering",
+                        message.reply_to[:100])  # fmt: skip
+            message = ControlMessage(message.op, message.model)
         self._on_control(message)
 
     def _forget_expired(self) -> None:
@@ -104,6 +115,15 @@ class ControlFeed:
 
 
 Loader = Callable[[LoadedModel], LoadedModel]  # old version -> new version (blocking)
+Reply = tuple[str, ReloadAnswer]  # (the reply list, the answer without the worker's name)
+ERROR_CHARS = 300  # an answer's error: its first line, cut to this
+
+
+class Announce(Protocol):
+    """Publish this worker's state after a reload (the heartbeat: models and
+    versions), then push ``reply``'s answer, signed with the worker's name."""
+
+    def __call__(self, *, reply: Reply | None = None) -> Awaitable[None]: ...
 
 
 class ModelReloader:
@@ -113,23 +133,24 @@ class ModelReloader:
         self,
         served: ServedModels,
         load: Loader,
-        on_switch: Callable[[], Awaitable[None]],
+        on_switch: Announce,
         *,
         watch: bool,
     ) -> None:
         self._served = served
         self._load = load
-        self._on_switch = on_switch  # republish the models (the heartbeat does)
+        self._on_switch = on_switch  # republish the models (the heartbeat does), answer
         self._watch = watch
-        self._requests: asyncio.Queue[str] = asyncio.Queue()
+        self._requests: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # (model, reply_to)
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader")
 
     def on_control(self, message: ControlMessage) -> None:
+        """A reload of a model this worker serves; others' are not ours to answer."""
         if message.op == RELOAD and message.model in self._served:
-            self.request(message.model)
+            self.request(message.model, message.reply_to)
 
-    def request(self, name: str) -> None:
-        self._requests.put_nowait(name)
+    def request(self, name: str, reply_to: str = "") -> None:
+        self._requests.put_nowait((name, reply_to))
 
     async def run(self, finishing: asyncio.Event) -> None:
         loops = [asyncio.create_task(self._reload_loop(), name="reload")]
@@ -137,7 +158,7 @@ class ModelReloader:
             loops.append(asyncio.create_task(self._watch_loop(finishing), name="model watch"))
         try:
             await finishing.wait()
-            self._requests.put_nowait("")  # ends the reload loop
+            self._requests.put_nowait(("", ""))  # ends the reload loop
             await asyncio.gather(*loops)
         finally:
             for task in loops:
@@ -145,27 +166,30 @@ class ModelReloader:
             self._loader.shutdown(wait=True)
 
     async def _reload_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            name = await self._requests.get()
+            name, reply_to = await self._requests.get()
             if not name:
                 return
-            old = self._served[name]
-            try:
-                new = await loop.run_in_executor(self._loader, self._load, old)
-            except Exception as exc:  # a bad file must not take the old model down
-                log.error(
-                    "reload of %s failed, keeping version %s: %s", name, old.spec.version, exc
-                )
-                continue
-            if new.spec.version == old.spec.version:
-                log.info("reload of %s: version %s unchanged", name, old.spec.version)
-                continue
-            self._served.replace(new)
-            await self._on_switch()
-            log.info(
-                "model reloaded: %s version %s -> %s", name, old.spec.version, new.spec.version
-            )
+            answer, switched = await self._reload(name)
+            if switched or reply_to:
+                await self._on_switch(reply=(reply_to, answer) if reply_to else None)
+
+    async def _reload(self, name: str) -> tuple[ReloadAnswer, bool]:
+        """Load ``name`` again and switch to it if its version changed: the
+        answer, and whether it switched. A bad file keeps the old version."""
+        old = self._served[name]
+        was = old.spec.version
+        try:
+            new = await asyncio.get_running_loop().run_in_executor(self._loader, self._load, old)
+        except Exception as exc:  # a bad file must not take the old model down
+            log.error("reload of %s failed, keeping version %s: %s", name, was, exc)
+            return ReloadAnswer(name, FAILED, was, was, _first_line(exc)), False
+        if new.spec.version == was:
+            log.info("reload of %s: version %s unchanged", name, was)
+            return ReloadAnswer(name, UNCHANGED, was, was), False
+        self._served.replace(new)
+        log.info("model reloaded: %s version %s -> %s", name, was, new.spec.version)
+        return ReloadAnswer(name, RELOADED, new.spec.version, was), True
 
     async def _watch_loop(self, finishing: asyncio.Event) -> None:
         seen = {m.name: _file_stamp(m.config.path) for m in self._served.all()}
@@ -176,6 +200,12 @@ class ModelReloader:
                 if now != seen[model.name] and now != (0.0, 0):
                     seen[model.name] = now
                     self.request(model.name)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    line = text.splitlines()[0]
+    return line if len(line) <= ERROR_CHARS else line[: ERROR_CHARS - 3] + "..."
 
 
 def _file_stamp(path: Path) -> tuple[float, int]:

@@ -1,12 +1,17 @@
 """The executor: batches on one device. Assemble inputs (into pinned host
 memory on CUDA), run ``forward`` under ``torch.inference_mode()`` in the
 worker's single compute thread, map the outputs to the declared names, and
-split them back per request into packed results. When a batch raises, it is
-bisected so only the culprit requests get an error.
+split them back per request into packed results. Every output is checked
+after each forward: the batch's rows first, then each declared axis (a fixed
+one at its size, a variable one at least the longest request, so it can be
+cut back). A batch that raises, or whose outputs break that, is bisected so
+only the culprit requests get a ``model_error``: an ``ok`` result is always
+right in shape.
 
 ``start`` assembles on the event loop and hands the forward to the compute
 thread (``compute``): the compute thread does nothing but the forward call,
-which drops the GIL. Every other step of a batch holds the GIL, and in the compute thread
+which drops the GIL (and the shape check of its outputs, a few tuple
+comparisons). Every other step of a batch holds the GIL, and in the compute thread
 it would queue behind the event loop's Redis work (measured: assembling 32
 CNN requests took 0.9 ms there, 0.25 ms of it CPU, the rest waiting for the
 GIL); on the event loop it overlaps the running forward instead.
@@ -28,7 +33,7 @@ from common.codec import WIRE_DTYPES
 from common.envelope import Arrays, Result, pack_result
 from common.errors import ConfigError
 from common.spec import ModelSpec
-from worker.batching import Allocator, Assembled, assemble, split
+from worker.batching import Allocator, Assembled, assemble, check_output, split
 from worker.registry import LoadedModel
 from worker.work import Batch, Outcome
 
@@ -151,20 +156,21 @@ class Executor:
     def close(self) -> None:
         self._compute.shutdown(wait=True)
 
-    def forward(self, model: LoadedModel, inputs: Sequence[np.ndarray[Any, Any]]) -> Arrays:
-        """One forward call on already-assembled arrays (declared input order)."""
+    def forward(self, model: LoadedModel, assembled: Assembled) -> Arrays:
+        """One forward call on an assembled batch, its outputs checked against
+        the declared ones (OutputMismatch: a model error, bisected like one)."""
         tensors = [
             _to_torch(a, t.dtype).to(self.device, non_blocking=self.cuda)
-            for a, t in zip(inputs, model.spec.inputs, strict=True)
+            for a, t in zip(assembled.inputs, model.spec.inputs, strict=True)
         ]
         with torch.inference_mode():
             raw = model.module(*tensors)
-        return _outputs_to_numpy(model.spec, raw)
+        return _outputs_to_numpy(model.spec, raw, assembled.rows, assembled.longest)
 
     def warm_up(self, model: LoadedModel, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Arrays:
         """A single request's outputs, computed in the calling thread (load time)."""
         assembled = assemble(model.spec, [dict(inputs)])
-        return split(model.spec, assembled, self.forward(model, assembled.inputs))[0]
+        return split(model.spec, assembled, self.forward(model, assembled))[0]
 
     def compute(self, batch: Batch, requests: Sequence[Arrays], assembled: Assembled) -> BatchRun:
         """Forward on an assembled batch (compute thread). If it raises, the
@@ -172,7 +178,7 @@ class Executor:
         started_ms = time.time() * 1000
         t0 = time.perf_counter()
         try:
-            outputs: Arrays | None = self.forward(batch.model, assembled.inputs)
+            outputs: Arrays | None = self.forward(batch.model, assembled)
             failed = None
         except Exception as exc:
             outputs, failed = None, self._bisect(batch.model, requests, exc)
@@ -183,7 +189,7 @@ class Executor:
         """Outputs per request, assembled and split in the calling thread."""
         assembled = assemble(model.spec, requests)  # plain memory: staging is the event loop's
         try:
-            outputs = self.forward(model, assembled.inputs)
+            outputs = self.forward(model, assembled)
         except Exception as exc:
             return self._bisect(model, requests, exc)
         return list(split(model.spec, assembled, outputs))
@@ -205,7 +211,10 @@ def _to_torch(array: np.ndarray[Any, Any], dtype: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def _outputs_to_numpy(spec: ModelSpec, raw: Any) -> Arrays:
+def _outputs_to_numpy(spec: ModelSpec, raw: Any, rows: int, longest: int) -> Arrays:
+    """The outputs by declared name as wire-storage arrays, each checked for
+    the batch's ``rows`` and its declared axes (on the tensor's shape, before
+    any copy to the host)."""
     names = [t.name for t in spec.outputs]
     if isinstance(raw, torch.Tensor):
         values = {names[0]: raw} if len(names) == 1 else {}
@@ -222,7 +231,13 @@ def _outputs_to_numpy(spec: ModelSpec, raw: Any) -> Arrays:
         )
     arrays: Arrays = {}
     for tensor in spec.outputs:
-        value = values[tensor.name].detach()
+        value = values[tensor.name]
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError(
+                f"model {spec.name!r} output {tensor.name!r}: {type(value).__name__}, not a tensor"
+            )
+        check_output(spec.name, tensor, value.shape, rows, longest)
+        value = value.detach()
         want = _TORCH_DTYPES[tensor.dtype]
         if value.dtype != want:
             value = value.to(want)

@@ -1,6 +1,8 @@
 """Model registry: load each configured TorchScript file onto the worker's
-device, check its outputs against the config by a warm-up forward, and give
-it a version (config entry + file content hash) for ``tq:models``.
+device, check its outputs against the config by a warm-up forward (their
+structure, rows and declared axes: a model that already breaks them there is
+not served), and give it a version (config entry + file content hash) for
+``tq:models``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ from common.codec import WIRE_DTYPES
 from common.errors import ConfigError
 from common.settings import ModelConfig
 from common.spec import ModelSpec, TensorSpec
+from worker.batching import OutputMismatch, check_output
 
 log = logging.getLogger(__name__)
+
+# The warm-up request: one row, each variable axis this long.
+EXAMPLE_LENGTH = 1
 
 # (model, one request's inputs) -> its outputs, in the calling thread
 WarmUp = Callable[
@@ -58,20 +64,21 @@ def load_model(config: ModelConfig, device: str, warm_up: WarmUp) -> LoadedModel
     example = {t.name: _example_input(t) for t in config.inputs}
     try:
         outputs = warm_up(loaded, example)
+        for tensor in config.outputs:  # as split per request: one row, variable axes cut to 1
+            check_output(config.name, tensor, outputs[tensor.name].shape, 1, EXAMPLE_LENGTH)
+    except OutputMismatch as exc:
+        raise ConfigError(
+            f"{exc}, on a warm-up request of one row (variable axes of length "
+            f"{EXAMPLE_LENGTH}): fix the model's forward or the output's shape in its "
+            f"[[models.outputs]] entry ({config.path})"
+        ) from None
     except Exception as exc:
         raise ConfigError(f"model {config.name!r}: warm-up forward failed: {exc}") from None
-    for tensor in config.outputs:
-        array = outputs[tensor.name]
-        if array.ndim != len(tensor.shape) + 1:
-            raise ConfigError(
-                f"model {config.name!r}: output {tensor.name!r} has {array.ndim - 1} dims "
-                f"after the batch axis, config declares shape {list(tensor.shape)}"
-            )
     log.info("model loaded: %s version %s on %s", config.name, loaded.spec.version, device)
     return loaded
 
 
 def _example_input(tensor: TensorSpec) -> np.ndarray[Any, Any]:
-    shape = tuple(1 if d < 0 else d for d in tensor.shape)
+    shape = tuple(EXAMPLE_LENGTH if d < 0 else d for d in tensor.shape)
     fill = 1 if tensor.dtype not in ("float32", "float16", "bfloat16", "float64") else 0
     return np.full((1, *shape), fill, dtype=WIRE_DTYPES[tensor.dtype])

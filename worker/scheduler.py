@@ -12,6 +12,10 @@ the event loop. A partial batch waits for the running one to finish and so
 collects whatever arrives meanwhile (the natural batching). A computed
 batch's outcomes go to the writer.
 
+A batch holds whole requests, up to ``max_batch_size`` rows and up to the
+model's ``max_batch_bytes`` of padded inputs (``common.spec.PaddedSize``: a
+long request stops the batch before padding the short ones past it).
+
 A redelivered request (its worker died, maybe because of it) runs alone, so
 a poison request cannot take its neighbours down with it again.
 """
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 from common.aio import wait_any
 from common.envelope import Result, pack_result
 from common.keys import NORMAL
+from common.spec import PaddedSize
 from worker.control import ControlFeed
 from worker.executor import BatchRun, Executor
 from worker.served import ServedModels
@@ -154,16 +159,30 @@ class Scheduler:
         return self._served[backlog.stream.model].spec.max_batch_size
 
     def _take(self, backlog: _Backlog) -> list[Accepted]:
-        """The next batch: whole requests up to max_batch_size rows."""
+        """The next batch: whole requests up to max_batch_size rows and
+        max_batch_bytes of padded inputs (a request alone always goes: the
+        reader refused any that alone passes the limit)."""
         taken: list[Accepted] = []
         rows = 0
-        max_rows = self._max_rows(backlog)
+        model = self._served[backlog.stream.model]
+        max_rows = model.spec.max_batch_size
+        max_bytes = model.config.max_batch_bytes
+        size = PaddedSize(model.spec)
+        # Without variable input axes every row weighs the same: once
+        # max_batch_size such rows fit, nothing more needs sizing.
+        padded = any(t.variable_axes for t in model.spec.inputs)
+        sizing = True
         while backlog.items:
             head = backlog.items[0]
             if taken and (head.redelivered or taken[0].redelivered):
                 break
             if taken and rows + head.rows > max_rows:
                 break
+            if sizing:
+                size = size.join(head.request.inputs)
+                if taken and size.nbytes > max_bytes:
+                    break
+                sizing = padded or size.nbytes * max_rows > max_bytes * size.rows
             backlog.items.popleft()
             rows += head.rows
             taken.append(head)

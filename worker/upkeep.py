@@ -3,7 +3,8 @@
 - heartbeat: every ``heartbeat_s`` a ``WorkerHeartbeat`` in ``tq:workers``
   (device, models, stats) and the model registry ``tq:models`` again (a
   Redis restarted without persistence forgot both); a worker whose pool
-  died asks to stop.
+  died asks to stop. After a reload, the heartbeat at once, then the
+  reload's answer (``ReloadAnswer``) to whoever asked for one.
 - reclaim: entries idle past the visibility timeout (``claim_idle_ms``: their
   consumer is gone) are taken over with XAUTOCLAIM JUSTID, which does not
   count a delivery; the stream's reader then re-reads them as its own
@@ -15,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -24,8 +26,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common.aio import wait_any
-from common.keys import CONSUMER_GROUP, Keys
-from common.records import DeadLetter, WorkerHeartbeat, now_ms
+from common.keys import CONSUMER_GROUP, REPLY_TTL_S, Keys
+from common.records import DeadLetter, ReloadAnswer, WorkerHeartbeat, now_ms
 from common.settings import WorkerSettings
 from worker.leases import Leases
 from worker.served import ServedModels
@@ -102,13 +104,23 @@ class Upkeep:
             last_minute=stats.last_minute(),
         )
 
-    async def heartbeat(self, *, alive: bool = True) -> None:
-        """Publish the heartbeat (and the models, while alive); a Redis error is logged."""
+    async def heartbeat(
+        self, *, alive: bool = True, reply: tuple[str, ReloadAnswer] | None = None
+    ) -> None:
+        """Publish the heartbeat (and the models, while alive); a Redis error is
+        logged. ``reply``: then push a control message's answer to its reply
+        list, signed with this worker's name (after the heartbeat, so whoever
+        reads the answer finds the versions it names already published)."""
         try:
             record = self.heartbeat_record(alive=alive)
             await self._redis.hset(self._keys.workers, self._consumer, record.encode())
             if alive:
                 await self.publish_models()
+            if reply is not None:
+                key, answer = reply
+                signed = dataclasses.replace(answer, worker=self._consumer).encode()
+                await self._redis.rpush(key, signed)  # type: ignore[misc]
+                await self._redis.expire(key, REPLY_TTL_S)
         except RedisError as exc:
             log.warning("heartbeat failed: %s", exc)
 

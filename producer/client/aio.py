@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -24,15 +25,19 @@ from redis.exceptions import NoScriptError, RedisError
 
 from common.envelope import Result
 from common.errors import (
+    ConfigError,
     InvalidInput,
     QueueFull,
     RedisUnavailable,
     RequestTimeout,
     TensorQError,
     UnknownModel,
+    UnknownRequest,
 )
+from common.ids import CLIENT_ID_RULE, REQUEST_ID_RULE, is_client_id, is_request_id
 from common.keys import Keys
-from common.redis_conn import check_reachable, mask_url, pooled_client
+from common.redis_conn import check_reachable, pooled_client
+from common.redis_url import check_url, mask_url
 from common.settings import RedisSettings, Settings
 from common.spec import ModelSpec
 from producer.client.enqueue import Enqueuer
@@ -41,6 +46,7 @@ from producer.client.results import (
     DEFAULT_TIMEOUT_S,
     STORED_LOOK_S,
     get_stored,
+    look_up,
     outputs_of,
     poll_stored,
 )
@@ -64,13 +70,21 @@ class AsyncClient:
         redis: aioredis.Redis | None = None,
     ) -> None:
         """``redis`` shares an application's existing client (the gateway's
-        pool); the inbox reader still opens its own blocking connection."""
+        pool); the inbox reader still opens its own blocking connection.
+
+        A URL no client can be made from (``http://...``, a port that is no
+        number) or a ``client_id`` outside the request id characters raises
+        ``ConfigError`` here, before any connection."""
         if settings is None:
             settings = Settings(redis=RedisSettings(url=redis_url or ""))
         elif redis_url:
             settings = settings.replace(redis=settings.redis.with_url(redis_url))
-        if not settings.redis.url:
-            raise TensorQError("AsyncClient needs a Redis URL")
+        check_url(settings.redis.url, cluster=settings.redis.is_cluster)
+        if client_id is not None and not is_client_id(client_id):
+            raise ConfigError(
+                f"client_id must be {CLIENT_ID_RULE} (it prefixes the ids the client makes),"
+                f" got {client_id!r:.60}"
+            )
         self.settings = settings
         self.keys = Keys.of(settings.redis)
         self.client_id = client_id or uuid.uuid4().hex[:16]
@@ -89,7 +103,9 @@ class AsyncClient:
         self._redis: aioredis.Redis | None = None
         self._given_redis = redis
         self._specs: dict[str, ModelSpec] = {}
-        self._enqueuer = Enqueuer(self.keys, lambda: self.redis, self._call)
+        self._enqueuer = Enqueuer(
+            self.keys, lambda: self.redis, self._call, self.client_id, settings.redis.result_ttl_s
+        )
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -171,7 +187,7 @@ class AsyncClient:
         """
         prepared = [await self._prepare(s) for s in submissions]
         ids = [p.request.id for p in prepared]
-        self._inbox.expect(ids)
+        self._inbox.expect(ids)  # DuplicateRequest if one is in flight here: nothing enqueued
         self._reader.start()  # results of our own requests arrive in our inbox
         try:
             replies = await self._enqueuer.enqueue(prepared)
@@ -195,7 +211,11 @@ class AsyncClient:
         """Check and pack one submission; what is wrong with it fails it alone,
         before it joins other submitters' round trip."""
         spec = await self.spec(submission.model)
-        request_id = submission.request_id or f"{self.client_id}-{next(self._ids)}"
+        seq = None
+        request_id = submission.request_id
+        if request_id is None:
+            seq = next(self._ids)
+            request_id = f"{self.client_id}-{seq}"
         arrays = wire_arrays(submission.inputs)
         try:
             spec.check_inputs(arrays, request_id=request_id)
@@ -205,17 +225,20 @@ class AsyncClient:
                 raise
             spec = fresh
             spec.check_inputs(arrays, request_id=request_id)
-        return prepare(submission, spec, request_id, arrays, self._inbox.key)
+        return prepare(submission, spec, request_id, arrays, self._inbox.key, seq)
 
     # -- results --------------------------------------------------------------
 
     async def wait(self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S) -> Result:
-        """The full result envelope (status, outputs, timings) of a request."""
+        """The full result envelope (status, outputs, timings) of a request,
+        whatever its status: an error result is returned, not raised.
+
+        ``UnknownRequest`` at once for an id that no request has now: not
+        submitted (or refused), or its result expired (see ``_wait_stored``);
+        ``RequestTimeout`` when a known request has no result in time."""
         future = self._inbox.waiters.get(request_id)
         if future is None:  # not ours: only our own requests are pushed to our inbox
-            return await poll_stored(
-                self.redis, self.keys.result(request_id), self._inbox.limits, request_id, timeout
-            )
+            return await self._wait_stored(request_id, timeout)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
@@ -229,10 +252,43 @@ class AsyncClient:
         finally:
             self._inbox.waiters.pop(request_id, None)
 
+    async def _wait_stored(self, request_id: str, timeout: float | None) -> Result:
+        """Wait for a request this client is not waiting for (another
+        client's, or its own whose delivered result it let go) by reading
+        ``tq:r:<id>``. On a single Redis node every request the Python client
+        enqueued is marked accepted for the result TTL (``client.enqueue``;
+        the gateway marks its async requests too): no result and no mark
+        means no such request now. On Redis Cluster there are no marks (they
+        would lie in other slots than the stream), so an id without a result
+        is polled until ``timeout``."""
+        if not is_request_id(request_id):
+            raise UnknownRequest(
+                f"no request can have the id {request_id!r:.60}: ids are {REQUEST_ID_RULE}"
+            )
+        key, limits = self.keys.result(request_id), self._inbox.limits
+        since = time.monotonic()  # the look below counts against the timeout
+        if not self.keys.cluster:
+            marks = [(self.keys.accepted(request_id), 0)]
+            client_id, dash, n = request_id.rpartition("-")
+            if dash and client_id and n.isdigit():  # maybe <client_id>-<n>, generated
+                marks.append((self.keys.submitted(client_id), int(n)))
+            look = STORED_LOOK_S if timeout is None else timeout
+            stored, known = await look_up(self.redis, key, marks, limits, look)
+            if stored is not None:
+                return stored
+            if not known:
+                raise UnknownRequest(
+                    "no such request: never submitted, refused, or its result expired",
+                    request_id=request_id,
+                )
+        return await poll_stored(self.redis, key, limits, request_id, timeout, since=since)
+
     async def result(
         self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S
     ) -> dict[str, np.ndarray[Any, Any]]:
-        """Outputs as numpy arrays (bfloat16 widened to float32); raises on failure."""
+        """Outputs as numpy arrays (bfloat16 widened to float32). Raises what a
+        failed result stands for (``InferenceError``, ``RequestTimeout`` for an
+        expired request), and what ``wait`` raises."""
         return outputs_of(await self.wait(request_id, timeout))
 
     async def infer(

@@ -1,8 +1,17 @@
 """Enqueueing: ``ENQUEUE``, the Lua script that XADDs requests to a stream
 while it is under the model's ``max_queue_len`` (one atomic call per stream,
-never trimming), and ``Enqueuer``, the group commit that sends the submits of
-concurrent tasks together: M concurrent producers cost one script call per
-model per round trip."""
+never trimming) and marks them as accepted, and ``Enqueuer``, the group
+commit that sends the submits of concurrent tasks together: M concurrent
+producers cost one script call per model per round trip.
+
+The accepted marks let anyone waiting by id tell a request in flight from an
+unknown id, at no extra round trip, for the result TTL: an id the client
+generated (``<client_id>-<n>``) is covered by one key per client and call,
+``tq:sub:<client_id>`` = the highest ``n`` enqueued (ids are generated in
+increasing order); an id the caller chose gets its own ``tq:acc:<id>``, the
+marker the gateway also writes for its async requests. On Redis Cluster
+neither is written: they would lie in other slots than the stream.
+"""
 
 from __future__ import annotations
 
@@ -14,20 +23,44 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from common.keys import REQUEST_FIELD, Keys
+from common.records import AcceptedMarker
 from common.scripts import LuaScript
 from producer.client.submission import Prepared
 
-# XADD each payload (ARGV[3..]) while the stream (queued + in flight: acked
-# entries are deleted) is below the limit ARGV[1]; false for each refused one.
-# One call per model per submit_many, atomic.
+# KEYS[1] the stream; on a single node also KEYS[2] = tq:sub:<client_id> and
+# KEYS[3..] = tq:acc:<id> of each payload whose id the caller chose, in order.
+# ARGV: [1] max_queue_len, [2] the stream field, [3] the marks' TTL, [4] the
+# tq:acc value, [5] the highest generated n among the payloads ('' for none),
+# [6] one flag per payload, '1' where the caller chose the id, [7..] payloads.
+# XADD each payload while the stream (queued + in flight: acked entries are
+# deleted) is below the limit; false for each refused one (the tail). The
+# high-water mark only grows (two clients might share a client_id); a tq:acc
+# key that exists (the gateway claims it first, with the outputs its answer
+# must show) keeps its value, its TTL renewed. Refused generated ids may look
+# known (a waiter polls them until its timeout); refused chosen ids do not.
 ENQUEUE = LuaScript("""
 local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
-local ids = {}
-for i = 3, #ARGV do
-  if i - 2 > room then
-    ids[#ids + 1] = false
+local marked, ttl, flags = #KEYS > 1, ARGV[3], ARGV[6]
+if marked and ARGV[5] ~= '' then
+  if tonumber(ARGV[5]) > tonumber(redis.call('GET', KEYS[2]) or '-1') then
+    redis.call('SET', KEYS[2], ARGV[5], 'EX', ttl)
   else
-    ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[i])
+    redis.call('EXPIRE', KEYS[2], ttl)
+  end
+end
+local ids, key = {}, 2
+for i = 7, #ARGV do
+  local n = i - 6
+  if n > room then
+    ids[n] = false
+  else
+    ids[n] = redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[i])
+    if marked and string.byte(flags, n) == 49 then
+      key = key + 1
+      if not redis.call('SET', KEYS[key], ARGV[4], 'EX', ttl, 'NX') then
+        redis.call('EXPIRE', KEYS[key], ttl)
+      end
+    end
   end
 end
 return ids
@@ -44,10 +77,22 @@ class Enqueuer:
     each round trip (the client's RedisError -> RedisUnavailable, letting
     NoScriptError through to the script's reload)."""
 
-    def __init__(self, keys: Keys, redis: Callable[[], aioredis.Redis], call: Call) -> None:
+    def __init__(
+        self,
+        keys: Keys,
+        redis: Callable[[], aioredis.Redis],
+        call: Call,
+        client_id: str = "",
+        marker_ttl_s: int = 0,
+    ) -> None:
+        """``marker_ttl_s`` > 0 (the result TTL): the accepted marks (see
+        above) live that long; 0, or a cluster: none are written."""
         self.keys = keys
+        self._client_id = client_id
         self._redis = redis
         self._call = call
+        self._marker_ttl = 0 if keys.cluster else max(0, marker_ttl_s)
+        self._markers: dict[str, str] = {}  # model -> its marker's value
         self._loaded = False  # the script is loaded once up front, then again on NOSCRIPT
         self._outbox: list[tuple[list[Prepared], asyncio.Future[list[Any]]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -87,7 +132,7 @@ class Enqueuer:
             queue = self.keys.queue(p.request.model, p.request.priority)
             groups.setdefault(queue, []).append(index)
         calls = [
-            (queue, prepared[indices[0]].limit, [prepared[i].payload for i in indices])
+            self._call_of(queue, [prepared[i] for i in indices])
             for queue, indices in groups.items()
         ]
         redis = self._redis()
@@ -98,10 +143,7 @@ class Enqueuer:
         if self.keys.cluster:  # cluster pipelines refuse EVALSHA: concurrent calls instead;
             # a node that lost its script cache gets it again without the other streams' calls
             replies = await asyncio.gather(
-                *(
-                    ENQUEUE.run(redis, [queue], [limit, REQUEST_FIELD, *payloads], call=self._call)
-                    for queue, limit, payloads in calls
-                )
+                *(ENQUEUE.run(redis, keys, args, call=self._call) for keys, args in calls)
             )
         else:
             try:
@@ -115,11 +157,29 @@ class Enqueuer:
                 entry_ids[index] = entry_id
         return entry_ids
 
+    def _call_of(self, queue: str, group: list[Prepared]) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of one stream's ENQUEUE call."""
+        keys = [queue]
+        ttl, marker, high, flags = self._marker_ttl, "", "", ""
+        if ttl:
+            model = group[0].request.model
+            marker = self._markers.get(model) or self._markers.setdefault(
+                model, AcceptedMarker(model).encode()
+            )
+            keys.append(self.keys.submitted(self._client_id))
+            seqs = [p.seq for p in group if p.seq is not None]
+            high = str(max(seqs)) if seqs else ""
+            if len(seqs) < len(group):
+                keys += [self.keys.accepted(p.request.id) for p in group if p.seq is None]
+                flags = "".join("0" if p.seq is not None else "1" for p in group)
+        return keys, [group[0].limit, REQUEST_FIELD, ttl, marker, high, flags,
+                      *(p.payload for p in group)]  # fmt: skip
+
     async def _pipelined(
-        self, redis: aioredis.Redis, calls: list[tuple[str, int, list[bytes]]]
+        self, redis: aioredis.Redis, calls: list[tuple[list[str], list[Any]]]
     ) -> list[Any]:
         async with redis.pipeline(transaction=False) as pipe:
-            for queue, limit, payloads in calls:
-                ENQUEUE.queue(pipe, [queue], [limit, REQUEST_FIELD, *payloads])
+            for keys, args in calls:
+                ENQUEUE.queue(pipe, keys, args)
             replies: list[Any] = await self._call(pipe.execute())
         return replies

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from common.backoff import Backoff
 from common.codec import CodecLimits
 from common.envelope import Result, unpack_result
-from common.errors import TensorQError
+from common.errors import DuplicateRequest, TensorQError
 from common.keys import Keys
 from common.redis_conn import blocking_client
 from common.settings import RedisSettings
@@ -46,11 +46,33 @@ class Inbox:
     # (delivered at, id) of results no wait() has taken yet, oldest first
     unclaimed: deque[tuple[float, str]] = field(default_factory=deque)
 
-    def expect(self, request_ids: Iterable[str]) -> None:
-        """Results of these requests will arrive here: make their futures."""
+    def expect(self, request_ids: Sequence[str]) -> None:
+        """Results of these requests will arrive here: make their futures.
+
+        ``DuplicateRequest``, and no future made, if an id is still awaited
+        here (its result not delivered: two answers would meet under one id)
+        or named twice. An id whose result was delivered may be used again."""
+        waiters = self.waiters
+        for request_id in request_ids:
+            future = waiters.get(request_id)
+            if future is not None and not future.done():
+                raise DuplicateRequest(
+                    f"request id {request_id!r} is already in flight in this client: "
+                    "wait for its result before reusing it, or choose another id",
+                    request_id=request_id,
+                )
+        if len(request_ids) > 1 and len(set(request_ids)) < len(request_ids):
+            seen: set[str] = set()
+            for request_id in request_ids:
+                if request_id in seen:
+                    raise DuplicateRequest(
+                        f"request id {request_id!r} is named twice in one submit_many",
+                        request_id=request_id,
+                    )
+                seen.add(request_id)
         loop = asyncio.get_running_loop()
         for request_id in request_ids:
-            self.waiters[request_id] = loop.create_future()
+            waiters[request_id] = loop.create_future()
 
     def forget(self, request_ids: Iterable[str]) -> None:
         """Nobody will wait for these (not known to be queued)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -54,12 +55,59 @@ async def get_stored(
     return unpack_result(raw, limits) if raw else None
 
 
+async def look_up(
+    redis: aioredis.Redis,
+    key: str,
+    marks: Sequence[tuple[str, int]],
+    limits: CodecLimits,
+    within_s: float,
+) -> tuple[Result | None, bool]:
+    """The stored result at ``key``, and whether the request is known (its
+    result exists, or one of its accepted ``marks`` vouches for it: see
+    ``known``), in one round trip. If Redis does not answer within
+    ``within_s``: (None, True), as it is not known to be unknown."""
+    try:
+        async with asyncio.timeout(max(within_s, 0.05)):
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.get(key)
+                for mark, _ in marks:
+                    pipe.get(mark)
+                raw, *values = await pipe.execute()
+    except (RedisError, TimeoutError):
+        return None, True
+    if raw:
+        return unpack_result(raw, limits), True
+    return None, any(known(value, least) for value, (_, least) in zip(values, marks, strict=True))
+
+
+def known(value: bytes | None, least: int) -> bool:
+    """Whether a mark read from Redis vouches for a request: it exists and,
+    for a client's counter ``tq:sub:<client_id>`` (``least`` > 0), has
+    reached ``least``, the request's own ``n``."""
+    if value is None:
+        return False
+    if least <= 0:
+        return True
+    try:
+        return int(value) >= least
+    except ValueError:
+        return True  # not ours to judge: not known to be unknown
+
+
 async def poll_stored(
-    redis: aioredis.Redis, key: str, limits: CodecLimits, request_id: str, timeout: float | None
+    redis: aioredis.Redis,
+    key: str,
+    limits: CodecLimits,
+    request_id: str,
+    timeout: float | None,
+    *,
+    since: float | None = None,
 ) -> Result:
     """Read ``key`` until the result is there, at growing intervals;
-    ``RequestTimeout`` after ``timeout`` seconds."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    ``RequestTimeout`` ``timeout`` seconds after ``since`` (a
+    ``time.monotonic()``; default: now)."""
+    start = time.monotonic() if since is None else since
+    deadline = None if timeout is None else start + timeout
     poll = Poll(first=0.005, cap=0.25)
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())

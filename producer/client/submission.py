@@ -16,6 +16,7 @@ import numpy as np
 from common.codec import as_wire_array
 from common.envelope import Request, pack_request
 from common.errors import InvalidInput
+from common.ids import check_request_id
 from common.spec import ModelSpec
 
 # Longest timeout a request may carry: its deadline must stay a sane int64 of ms.
@@ -27,7 +28,8 @@ DEFAULT_MAX_QUEUE_LEN = 100_000
 
 @dataclass(frozen=True)
 class Submission:
-    """One request for ``submit_many``."""
+    """One request for ``submit_many``. ``InvalidInput`` at once for inputs
+    that are no mapping or a ``request_id`` outside the id rule (common/ids.py)."""
 
     model: str
     inputs: Mapping[str, Any]
@@ -35,14 +37,27 @@ class Submission:
     timeout: float | None = None
     priority: int = 0
 
+    def __post_init__(self) -> None:
+        if self.request_id is not None:
+            check_request_id(self.request_id)
+        if not isinstance(self.inputs, Mapping):
+            raise InvalidInput(
+                "inputs must be a mapping of input name -> array, e.g. {'x': array}; "
+                f"got {type(self.inputs).__name__}",
+                request_id=self.request_id,
+            )
+
 
 @dataclass(frozen=True)
 class Prepared:
-    """A checked request, packed for its stream, and that stream's length limit."""
+    """A checked request, packed for its stream, and that stream's length
+    limit; ``seq`` is the counter of an id the client generated (None: the
+    caller chose the id)."""
 
     request: Request
     limit: int
     payload: bytes
+    seq: int | None = None
 
 
 def wire_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray[Any, Any]]:
@@ -68,6 +83,7 @@ def prepare(
     request_id: str,
     arrays: dict[str, np.ndarray[Any, Any]],
     reply_to: str,
+    seq: int | None = None,
 ) -> Prepared:
     """Pack a submission whose inputs ``spec`` has accepted."""
     deadline = deadline_ms(submission.timeout, request_id)
@@ -76,4 +92,5 @@ def prepare(
         payload = pack_request(request)
     except (OverflowError, ValueError, TypeError) as exc:  # e.g. a priority past int64
         raise InvalidInput(f"request cannot be encoded: {exc}", request_id=request_id) from None
-    return Prepared(request, int(spec.extra.get("max_queue_len", DEFAULT_MAX_QUEUE_LEN)), payload)
+    limit = int(spec.extra.get("max_queue_len", DEFAULT_MAX_QUEUE_LEN))
+    return Prepared(request, limit, payload, seq)

@@ -15,6 +15,7 @@ on a socket (tests, embedding); ``tensorq gateway`` runs it on uvloop.
     wire         msgpack request bodies and answers
     bf16         BF16 inputs handed to the client as torch views
     results      the long-poll watcher for results other gateways submitted
+    live         the cached view of live workers (readiness, 503 without a worker)
     metrics      /metrics: gateway counters, queue and worker gauges
     status_page  ``GET /``: the status page, and ``/v1/status``
     auth         bearer-token middleware

@@ -1,7 +1,8 @@
 """The gateway application: ``create_app(settings)`` builds it; its cleanup
 contexts own the Redis pool and the AsyncClient that shares it (opened at
-start-up, closed after the last in-flight request) and the background task
-that keeps model specs fresh.
+start-up, closed after the last in-flight request) and the background tasks
+that keep model specs and the view of live workers (producer/gateway/live.py)
+fresh.
 
 Middlewares, outermost first: metrics (sees every final status), errors
 (every failure becomes a JSON body), auth (when tokens are configured).
@@ -21,8 +22,9 @@ from common.redis_conn import pooled_client
 from common.settings import Settings
 from producer.client import AsyncClient
 from producer.gateway import routes_v1, routes_v2, status_page
-from producer.gateway.auth import auth_middleware
+from producer.gateway.auth import TOKENS, Tokens, auth_middleware
 from producer.gateway.errors import error_middleware
+from producer.gateway.live import LIVE, LiveView
 from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.results import Followers, ResultWatcher
 from producer.gateway.state import GATEWAY, METRICS, SETTINGS, Gateway
@@ -37,10 +39,13 @@ def create_app(settings: Settings) -> web.Application:
     if config.tokens:
         middlewares.append(auth_middleware(config.tokens))
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+    if config.tokens:
+        app[TOKENS] = Tokens(config.tokens)  # the status page's sign-in
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app.cleanup_ctx.append(_gateway)
     app.cleanup_ctx.append(_refresh_specs)
+    app.cleanup_ctx.append(_watch_workers)
     app.on_shutdown.append(_answer_long_polls)
     routes_v2.add_routes(app.router)
     routes_v1.add_routes(app.router)
@@ -88,6 +93,20 @@ async def _refresh_specs(app: web.Application) -> AsyncIterator[None]:
                 log.warning("cannot refresh model specs: %s", exc)
 
     task = asyncio.create_task(refresh(), name="spec-refresh")
+    yield
+    stop.set()  # by flag, not cancel (common/aio.py)
+    await task
+
+
+async def _watch_workers(app: web.Application) -> AsyncIterator[None]:
+    """Keep ``app[LIVE]``, the view of which models a live worker serves
+    (readiness, and the 503 of a sync infer nothing would answer)."""
+    gw = app[GATEWAY]
+    view = LiveView(gw.redis, gw.keys, gw.settings.redis.url)
+    await view.fresh()
+    app[LIVE] = view
+    stop = asyncio.Event()
+    task = asyncio.create_task(view.run(stop), name="live-workers")
     yield
     stop.set()  # by flag, not cancel (common/aio.py)
     await task

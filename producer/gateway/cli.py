@@ -7,12 +7,11 @@ listed in a client-only install."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
 from common.cli import add_common_flags
 from common.extras import GATEWAY_MODULES, require_extra
-from common.settings import Settings
+from common.settings import Settings, apply_flags
 
 
 def gateway_command(subparsers: Any) -> None:
@@ -34,8 +33,5 @@ def _gateway(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.redis.url:
         print("tensorq gateway needs the workers' Redis URL (--redis or TQ_REDIS_URL)")
         return 2
-    changes = {"host": args.host, "port": args.port}
-    gateway = dataclasses.replace(
-        settings.gateway, **{k: v for k, v in changes.items() if v is not None}
-    )
-    return run(settings.replace(gateway=gateway))
+    flags = {"gateway.host": ("--host", args.host), "gateway.port": ("--port", args.port)}
+    return run(apply_flags(settings, flags))

@@ -23,12 +23,14 @@ CANCELLED_STATUS = 410  # the request was cancelled: its result will never exist
 
 
 class HTTPProblem(Exception):
-    """A refusal of the HTTP layer: unknown request id, a reused id, ..."""
+    """A refusal of the HTTP layer: unknown request id, a reused id, no live
+    worker for a sync request, ..."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
 def error_response(
@@ -53,7 +55,7 @@ def error_middleware(retry_after_s: int) -> Middleware:
             headers = {"Retry-After": str(retry_after_s)} if isinstance(exc, QueueFull) else None
             return error_response(status_of(exc), str(exc), headers)
         except HTTPProblem as exc:
-            return error_response(exc.status, exc.message)
+            return error_response(exc.status, exc.message, exc.headers)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

@@ -5,15 +5,22 @@ Pure functions, no I/O. Arrays come out in tensorq's wire storage (BF16 as
 uint16 bits, see common/codec.py); anything malformed is a ``ProtocolError``
 naming what is wrong (400). JSON goes through orjson: parsing the numbers of
 a tensor is most of a request's cost, and orjson does it ~9x faster than the
-standard library. In JSON output, floats are written in their shortest
-round-trip form for their dtype, and NaN/Infinity as null (strict JSON has
-neither; the binary extension carries exact bits).
+standard library.
+
+JSON numbers must fit their datatype: a value beyond the FP16/BF16/FP32
+range (``1e39`` for FP32) is refused rather than turned into infinity, and
+``true``/``false`` are values of BOOL tensors only. Non-finite floats are
+written as Triton writes them (and reads them): ``NaN``, ``Infinity`` and
+``-Infinity``, JSON's common extension (Python's ``json``, Triton's clients
+and rapidjson read them; strict parsers such as ``JSON.parse`` do not: ask
+for binary outputs to get exact bits). In output, floats are otherwise
+written in their shortest round-trip form for their dtype.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +30,7 @@ import orjson
 
 from common.codec import WIRE_DTYPES, CodecLimits, bf16_bits_to_float32
 from common.errors import InvalidInput, ProtocolError
+from common.ids import REQUEST_ID_RULE, is_request_id
 from common.spec import ModelSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -43,8 +51,6 @@ WIRE_TO_OIP: dict[str, str] = {wire: oip for oip, wire in OIP_TO_WIRE.items()}
 _INTEGER = frozenset({"uint8", "int8", "int16", "int32", "int64"})  # bfloat16 is stored as uint16
 
 # Request ids become Redis key suffixes and /v1/requests/{id} path segments.
-_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-ID_RULE = "1 to 128 characters from A-Z a-z 0-9 . _ : -"
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,8 @@ def check_request_id(value: object) -> str | None:
     """An OIP ``id`` as a tensorq request id; "" or absent means: generate one."""
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or not _ID.fullmatch(value):
-        raise ProtocolError(f"'id' must be {ID_RULE}, got {value!r:.60}")
+    if not is_request_id(value):
+        raise ProtocolError(f"'id' must be {REQUEST_ID_RULE}, got {value!r:.60}")
     return value
 
 
@@ -109,6 +115,9 @@ def parse_infer_request(
             )
         header, binary = body[:length], memoryview(body)[length:]
     doc = _load_json(header)
+    # true/false inside numbers would quietly become 1/0: look for them only
+    # when the header has the words at all (the usual body has neither)
+    may_hold_bools = b"true" in header or b"false" in header
     if not isinstance(doc, dict):
         raise ProtocolError(f"the inference request must be a JSON object, got {_kind(doc)}")
     request_id = check_request_id(doc.get("id"))
@@ -118,7 +127,7 @@ def parse_infer_request(
     inputs: dict[str, np.ndarray[Any, Any]] = {}
     offset = 0
     for raw in raw_inputs:
-        name, array, used = _parse_input(raw, binary, offset, limits)
+        name, array, used = _parse_input(raw, binary, offset, limits, may_hold_bools)
         if name in inputs:
             raise ProtocolError(f"input {name!r} is given twice")
         inputs[name] = array
@@ -167,7 +176,7 @@ def encode_response(
             tensor["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            tensor["data"] = json_values(array)
+            tensor["data"] = json_data(array)
         tensors.append(tensor)
     doc: dict[str, Any] = {"model_name": model_name}
     if model_version:
@@ -198,6 +207,23 @@ def json_values(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return np.ascontiguousarray(array).reshape(-1)
 
 
+def json_data(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any] | orjson.Fragment:
+    """An output's JSON ``data``: the flat values, for orjson to write; with
+    NaN or infinities (which orjson writes as null), the list written here
+    with ``NaN``/``Infinity``/``-Infinity`` in their places, as Triton does."""
+    values = json_values(array)
+    if values.dtype.kind != "f" or bool(np.isfinite(values).all()):
+        return values
+    text = orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY)
+    parts = text.split(b"null")  # each null is a non-finite value, in order
+    specials = values[~np.isfinite(values)]
+    words = [b"NaN" if np.isnan(v) else b"Infinity" if v > 0 else b"-Infinity" for v in specials]
+    pieces = [parts[0]]
+    for word, part in zip(words, parts[1:], strict=True):
+        pieces += [word, part]
+    return orjson.Fragment(b"".join(pieces))
+
+
 def float_to_bf16_bits(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """float -> bfloat16 bits, rounding to nearest even as torch does."""
     as_f32 = np.ascontiguousarray(values, dtype=np.float32)
@@ -213,7 +239,7 @@ def float_to_bf16_bits(values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 
 def _parse_input(
-    raw: object, binary: memoryview, offset: int, limits: CodecLimits
+    raw: object, binary: memoryview, offset: int, limits: CodecLimits, may_hold_bools: bool
 ) -> tuple[str, np.ndarray[Any, Any], int]:
     """One ``$request_input``: its name, wire-storage array and binary bytes used."""
     if not isinstance(raw, dict):
@@ -244,7 +270,7 @@ def _parse_input(
     if size is None:
         if "data" not in raw:
             raise ProtocolError(f"{where}: needs 'data' or a binary_data_size parameter")
-        return name, _from_json(raw["data"], wire, shape, where), 0
+        return name, _from_json(raw["data"], wire, shape, where, may_hold_bools), 0
     if type(size) is not int or size < 0:
         raise ProtocolError(f"{where}: binary_data_size must be an int >= 0")
     if "data" in raw:
@@ -267,7 +293,9 @@ def _parse_input(
     return name, array, size
 
 
-def _from_json(data: object, wire: str, shape: Sequence[int], where: str) -> np.ndarray[Any, Any]:
+def _from_json(
+    data: object, wire: str, shape: Sequence[int], where: str, may_hold_bools: bool = True
+) -> np.ndarray[Any, Any]:
     """A JSON ``data`` list (flat or nested, row-major) as a wire-storage array."""
     if not isinstance(data, list):
         raise ProtocolError(f"{where}: 'data' must be a list, got {_kind(data)}")
@@ -300,10 +328,48 @@ def _from_json(data: object, wire: str, shape: Sequence[int], where: str) -> np.
             )
     elif kind not in "iuf":
         raise ProtocolError(f"{where}: {WIRE_TO_OIP[wire]} data must be numbers")
+    if wire != "bool" and may_hold_bools and _holds_bool(data):
+        raise ProtocolError(
+            f"{where}: {WIRE_TO_OIP[wire]} data must be numbers; true/false are BOOL values"
+        )
     if wire == "bfloat16":
-        return float_to_bf16_bits(values).reshape(shape)
-    with np.errstate(over="ignore"):  # a float beyond FP16/FP32 becomes inf, as a cast does
-        return values.astype(storage).reshape(shape)
+        bits = float_to_bf16_bits(values)
+        _check_range(values, bf16_bits_to_float32(bits), wire, where)
+        return bits.reshape(shape)
+    with np.errstate(over="ignore"):  # checked below: a cast would quietly give inf
+        array = values.astype(storage)
+    if wire in _LARGEST:
+        _check_range(values, array, wire, where)
+    return array.reshape(shape)
+
+
+def _check_range(
+    values: np.ndarray[Any, Any], cast: np.ndarray[Any, Any], wire: str, where: str
+) -> None:
+    """Refuse finite values the cast made infinite (beyond the datatype's range)."""
+    if bool(np.isfinite(cast).all()):
+        return
+    overflowed = np.isinf(cast) & np.isfinite(values)
+    if overflowed.any():
+        first = values[overflowed].flat[0]
+        raise ProtocolError(
+            f"{where}: value {first:g} is beyond the {WIRE_TO_OIP[wire]} range "
+            f"(largest finite {_LARGEST[wire]:g})"
+        )
+
+
+_LARGEST = {  # the largest finite value of each narrow float datatype
+    "float16": float(np.finfo(np.float16).max),
+    "float32": float(np.finfo(np.float32).max),
+    "bfloat16": float(bf16_bits_to_float32(np.array([0x7F7F], np.uint16))[0]),
+}
+
+
+def _holds_bool(data: list[Any]) -> bool:
+    """Whether a (nested) JSON list holds true or false (type checks run in C)."""
+    if data and isinstance(data[0], list):
+        return any(_holds_bool(row) for row in data if isinstance(row, list))
+    return bool in set(map(type, data))
 
 
 def _parse_outputs(raw: object, binary_default: bool) -> OutputRequest:
@@ -337,11 +403,31 @@ def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     return parameters
 
 
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
 def _load_json(text: bytes) -> Any:
+    """orjson; a body with ``NaN``/``Infinity`` (which Triton reads and writes,
+    and orjson refuses) is read again by the standard library, with only
+    those words allowed beyond strict JSON."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:  # also invalid UTF-8 and too deep nesting
-        raise ProtocolError(f"malformed JSON: {exc}") from None
+        reason: Exception = exc
+        if b"NaN" in text or b"Infinity" in text:
+            try:
+                return json.loads(text, parse_constant=_NON_FINITE.__getitem__,
+                                  parse_float=_finite_float)  # fmt: skip
+            except (ValueError, RecursionError) as second:  # its reason is the real one
+                reason = second
+        raise ProtocolError(f"malformed JSON: {reason}") from None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: beyond every float datatype
+        raise ValueError(f"number {text} is out of range")
+    return value
 
 
 def _kind(value: object) -> str:

@@ -11,14 +11,15 @@ from typing import Any
 from aiohttp import web
 
 from common.envelope import Arrays, Result
-from common.errors import TensorQError
 from common.spec import ModelSpec, TensorSpec
 from producer.client import outputs_of
 from producer.gateway import oip
 from producer.gateway.errors import HTTPProblem
+from producer.gateway.live import LIVE
 from producer.gateway.state import GATEWAY
 
 PLATFORM = "pytorch_libtorch"  # what Triton calls a TorchScript model
+NOT_READY = 503  # what load balancers take for "send nothing here"
 EXTENSIONS = ["binary_tensor_data"]
 
 
@@ -37,14 +38,12 @@ async def live(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Ready = Redis reachable and at least one live worker (else 400, as Triton)."""
-    gw = request.app[GATEWAY]
-    try:
-        report = await gw.status()
-    except TensorQError as exc:  # RedisUnavailable: not ready, not a crash
-        return _not_ready({}, str(exc))
-    if not any(w["alive"] for w in report["workers"]):
-        return _not_ready({}, "no live worker")
+    """Ready = Redis reachable and at least one live worker; else 503, as
+    load balancers expect (from the gateway's view of the workers: no Redis
+    round trip unless it says "not ready")."""
+    problem = await request.app[LIVE].confirmed_problem()
+    if problem:
+        return _not_ready({}, problem)
     return web.json_response({"ready": True})
 
 
@@ -66,26 +65,27 @@ async def model_metadata(request: web.Request) -> web.Response:
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    """200 if a live worker serves the model; 400 if none does; 404 if unknown."""
+    """200 if a live worker serves the model; 503 if none does; 404 if unknown."""
     spec = await _spec(request)
-    gw = request.app[GATEWAY]
     doc = {"name": spec.name}
-    try:
-        report = await gw.status()
-    except TensorQError as exc:
-        return _not_ready(doc, str(exc))
-    if not any(w["alive"] and spec.name in w.get("models", ()) for w in report["workers"]):
-        return _not_ready(doc, f"no live worker serves model {spec.name!r}")
+    problem = await request.app[LIVE].confirmed_problem(spec.name)
+    if problem:
+        return _not_ready(doc, problem)
     return web.json_response({**doc, "ready": True})
 
 
 async def infer(request: web.Request) -> web.Response:
-    """Enqueue, wait up to ``sync_timeout_s`` for the result, answer it."""
+    """Enqueue, wait up to ``sync_timeout_s`` for the result, answer it. When
+    no live worker serves the model nothing would answer: 503 at once."""
     gw = request.app[GATEWAY]
     spec = await _spec(request)
     body = await request.read()
     parsed = oip.parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH), gw.limits)
     oip.check_outputs(spec, parsed.outputs)
+    unserved = await request.app[LIVE].unserved(spec.name)
+    if unserved:
+        retry = {"Retry-After": str(gw.settings.gateway.retry_after_s)}
+        raise HTTPProblem(503, f"{unserved}: nothing would answer this request", retry)
     timeout = gw.settings.gateway.sync_timeout_s
     given = parsed.id
     if given is not None:  # two requests in flight under one id would get one answer
@@ -146,7 +146,7 @@ def _tensor_metadata(tensor: TensorSpec) -> dict[str, Any]:
 
 
 def _not_ready(doc: dict[str, Any], reason: str) -> web.Response:
-    return web.json_response({**doc, "ready": False, "error": reason}, status=400)
+    return web.json_response({**doc, "ready": False, "error": reason}, status=NOT_READY)
 
 
 def _version() -> str:

@@ -18,9 +18,10 @@ from redis.exceptions import RedisError
 
 from common.codec import CodecLimits
 from common.errors import RedisUnavailable, UnknownModel
+from common.ids import check_request_id
 from common.keys import Keys
 from common.records import AcceptedMarker
-from common.redis_conn import mask_url
+from common.redis_url import mask_url
 from common.settings import Settings
 from common.spec import ModelSpec
 from producer.client import AsyncClient
@@ -99,6 +100,7 @@ class Gateway:
                                            priority=priority)  # fmt: skip
             await self._call(self.redis.set(self.keys.accepted(request_id), marker, ex=ttl))
             return request_id
+        check_request_id(request_id)  # the id rule of the client (400), before a marker is claimed
         accepted = self.keys.accepted(request_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(accepted, marker, ex=ttl, nx=True)

@@ -2,12 +2,18 @@
 step) drawn from ``GET /v1/status``, the same report as ``tensorq status
 --json`` (producer/ops/status.py): per model queue depth, pending, oldest pending
 age, dead letters, rows/s and p50/p99 over the last minute with a sparkline;
-per worker device, alive, batches, mean batch size."""
+per worker device, alive, batches, mean batch size.
+
+With ``[gateway] tokens`` a browser signs in once (``/login``, or
+``/?token=``) and a session cookie then lets it read the page and
+``/v1/status`` (producer/gateway/auth.py); when that cookie is gone the page
+goes back to the sign-in form."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from producer.gateway.auth import LOGIN_PATH, login
 from producer.gateway.state import GATEWAY
 from producer.ops.status import collect_status
 
@@ -15,6 +21,8 @@ from producer.ops.status import collect_status
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/", _page)
     router.add_get("/v1/status", _status)
+    router.add_get(LOGIN_PATH, login)  # with tokens: the sign-in form (producer/gateway/auth.py)
+    router.add_post(LOGIN_PATH, login)
 
 
 async def _status(request: web.Request) -> web.Response:
@@ -63,6 +71,7 @@ const spark = (values) => {
 async function refresh() {
   try {
     const reply = await fetch("/v1/status", { headers: { Accept: "application/json" } });
+    if (reply.status === 401) { window.location.assign("/login"); return; }
     if (!reply.ok) throw new Error(`HTTP ${reply.status}`);
     const report = await reply.json();
     const models = document.querySelector("#models tbody");

@@ -208,7 +208,7 @@ def _connect(settings: Settings) -> Iterator[Any]:
     import redis
 
     from common.errors import ConfigError, RedisUnavailable
-    from common.redis_conn import mask_url
+    from common.redis_url import mask_url
 
     url = settings.redis.url
     if not url:

@@ -20,7 +20,8 @@ from redis.cluster import key_slot
 
 from common.errors import RedisUnavailable, RequestTimeout
 from common.keys import Keys
-from common.redis_conn import mask_url, pooled_client
+from common.redis_conn import pooled_client
+from common.redis_url import mask_url
 from common.settings import RedisSettings, load_settings
 from producer import AsyncClient, Submission
 from producer.ops.status import collect_status

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from common.envelope import Result
 from producer.gateway import RunningGateway
 from producer.gateway.oip import HEADER_LENGTH
-from tests.gateway_stack import KEYS, answer_next, idle_model
+from tests.gateway_stack import KEYS, answer_next, idle_model, stand_in_worker
 
 pytest_plugins = ["tests.gateway_fixtures"]
 
@@ -134,10 +134,11 @@ async def test_queue_full_is_429_with_retry_after(
     for _ in range(2):
         async with http.post(f"{gateway}/v1/models/tiny_queue/requests", json=body) as response:
             assert response.status == 202
-    for path in ("/v1/models/tiny_queue/requests", "/v2/models/tiny_queue/infer"):
-        async with http.post(gateway + path, json={**body, "id": "refused-1"}) as response:
-            await expect_error(response, 429, "max_queue_len 2")
-            assert response.headers["Retry-After"] == "1"
+    async with stand_in_worker(aredis, "tiny_queue"):  # a worker, busy: the queue is full
+        for path in ("/v1/models/tiny_queue/requests", "/v2/models/tiny_queue/infer"):
+            async with http.post(gateway + path, json={**body, "id": "refused-1"}) as response:
+                await expect_error(response, 429, "max_queue_len 2")
+                assert response.headers["Retry-After"] == "1"
     assert await aredis.xlen(KEYS.queue("tiny_queue")) == 2
     assert not await aredis.exists(KEYS.accepted("refused-1"))
 
@@ -161,7 +162,10 @@ async def test_deadline_passed_is_504(
     url = (await make_gateway(sync_timeout_s=0.3)).url
     await idle_model(aredis, "never_answered")
     body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
-    async with http.post(f"{url}/v2/models/never_answered/infer", json=body) as response:
+    async with (
+        stand_in_worker(aredis, "never_answered"),  # live, but never answers
+        http.post(f"{url}/v2/models/never_answered/infer", json=body) as response,
+    ):
         await expect_error(response, 504, "no result within 0.3s")
     # and a result that says "expired" is a 504 too
     await idle_model(aredis, "expiring")

@@ -126,7 +126,7 @@ async def test_model_readiness(gateway: str, http: Http, aredis: aioredis.Redis)
     assert status == 404 and "nope" in error["error"]
     await idle_model(aredis, "unserved")  # published, but no live worker serves it
     status, doc = await get_json(http, f"{gateway}/v2/models/unserved/ready")
-    assert status == 400
+    assert status == 503  # not ready, as load balancers expect
     assert doc["ready"] is False and "no live worker" in doc["error"]
 
 

@@ -26,6 +26,7 @@ from tests.gateway_stack import (
     doubled,
     gateway_process,
     idle_model,
+    stand_in_worker,
     until,
 )
 
@@ -77,6 +78,13 @@ async def test_sigterm_refuses_new_connections_and_finishes_requests_in_flight(
 ) -> None:
     await idle_model(aredis, "draining")
     body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    async with stand_in_worker(aredis, "draining"):
+        await _drain_with_a_request_in_flight(gw_stack, tmp_path, aredis, body)
+
+
+async def _drain_with_a_request_in_flight(
+    gw_stack: GatewayStack, tmp_path: Path, aredis: aioredis.Redis, body: dict[str, object]
+) -> None:
     with gateway_process(gw_stack, tmp_path / "gateway.log") as gateway:
         address = URL(gateway.url)
         async with aiohttp.ClientSession() as http:

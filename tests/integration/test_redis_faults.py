@@ -361,6 +361,8 @@ def test_closing_a_sync_client_ends_the_calls_other_threads_wait_in(redis_url: s
     assert threading.active_count() == threads_before
     client = Client(redis_url)
     outcome: list[BaseException] = []
+    with redis.Redis.from_url(redis_url) as probe:  # accepted, never answered: the wait
+        probe.set(KEYS.accepted("nobody-will-answer"), b"{}")  # blocks (an unknown id would not)
 
     def waiter() -> None:
         try:

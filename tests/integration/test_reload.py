@@ -72,7 +72,8 @@ async def test_reload_under_load(
             capture_output=True, text=True, timeout=60, cwd=ROOT,
         )  # fmt: skip
         assert reload.returncode == 0, reload.stderr
-        assert "announced to 2 worker(s)" in reload.stdout
+        assert reload.stdout.count(": mlp reloaded, version ") == 2, reload.stdout
+        assert reload.stdout.count(f" -> {version}") == 2  # each worker's answer
         await async_wait_until(
             lambda: (
                 all(w["versions"]["mlp"] == version for w in pool.live_workers())  # type: ignore[index]

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from common.envelope import Result, pack_result
-from common.errors import InferenceError, InvalidInput, RequestTimeout, UnknownModel
+from common.errors import (
+    InferenceError,
+    InvalidInput,
+    RequestTimeout,
+    UnknownModel,
+    UnknownRequest,
+)
 from common.keys import Keys
 from common.spec import ModelSpec, TensorSpec
 from producer import AsyncClient, outputs_of
@@ -97,8 +103,11 @@ async def test_a_result_can_be_read_by_any_client(
     )
     out = await client.result("r2", timeout=1)
     np.testing.assert_array_equal(out["y"], np.array([[1.0, 2.0]], np.float32))
-    with pytest.raises(RequestTimeout, match="r3"):
-        await client.result("r3", timeout=0.05)
+    with pytest.raises(UnknownRequest, match="r3"):  # neither result nor marker: at once
+        await client.result("r3", timeout=30)
+    await fake.set(KEYS.accepted("r4"), b"{}")  # accepted, not answered yet
+    with pytest.raises(RequestTimeout, match="r4"):
+        await client.result("r4", timeout=0.05)
 
 
 def test_result_statuses_map_to_typed_errors() -> None:

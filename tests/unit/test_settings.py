@@ -52,6 +52,12 @@ path = "/abs/tagger.pt"
 """
 
 
+TENSORS = (
+    "[[models.inputs]]\nname = 'x'\ndtype = 'float32'\nshape = [2]\n"
+    "[[models.outputs]]\nname = 'y'\ndtype = 'float32'\nshape = [2]\n"
+)
+
+
 def write(directory: Path, text: str, name: str = "tensorq.toml") -> Path:
     path = directory / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,7 +238,10 @@ def test_bad_override_values_are_config_errors() -> None:
         ),
         ("[[models]]\nname = 'm'\npath = 'm.pt'\nmax_batch_size = 'many'\n", "many"),
         (
-            "[[models]]\nname = 'm'\npath = 'a.pt'\n[[models]]\nname = 'm'\npath = 'b.pt'\n",
+            "[[models]]\nname = 'm'\npath = 'a.pt'\n"
+            + TENSORS
+            + "[[models]]\nname = 'm'\npath = 'b.pt'\n"
+            + TENSORS,
             "unique",
         ),
         ("[redis\n", "tensorq.toml"),

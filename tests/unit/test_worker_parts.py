@@ -39,14 +39,18 @@ NORMAL_STREAM = Stream(KEYS.queue("m", NORMAL), "m", NORMAL)
 
 
 def small_model(
-    forward: Callable[[torch.Tensor], torch.Tensor], max_batch_size: int = 4
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    max_batch_size: int = 4,
+    shape: tuple[int, ...] = (3,),
+    **config: Any,
 ) -> LoadedModel:
-    config = ModelConfig(
+    """Model "m": one float32 input x and one output y, both of ``shape``."""
+    model_config = ModelConfig(
         "m", Path("unused.pt"),
-        inputs=(TensorSpec("x", "float32", (3,)),), outputs=(TensorSpec("y", "float32", (3,)),),
-        max_batch_size=max_batch_size, max_delay_ms=0,
+        inputs=(TensorSpec("x", "float32", shape),), outputs=(TensorSpec("y", "float32", shape),),
+        max_batch_size=max_batch_size, max_delay_ms=0, **config,
     )  # fmt: skip
-    return LoadedModel(config, config.spec("v1"), forward)
+    return LoadedModel(model_config, model_config.spec("v1"), forward)
 
 
 class RecordingWriter:
@@ -170,6 +174,119 @@ async def test_a_raising_batch_is_bisected_to_the_culprit() -> None:
     assert len(status) == 3
 
 
+# -- outputs that break their declared shapes, and max_batch_bytes ------------
+
+
+def accepted_array(stream: Stream, request_id: str, x: np.ndarray[Any, Any]) -> Accepted:
+    entry_id = f"{int(time.time() * 1000)}-{abs(hash(request_id)) % 1000}".encode()
+    return Accepted(stream, entry_id, Request(request_id, "m", {"x": x}), x.shape[0])
+
+
+class Shapes:
+    """A forward that records the shape of each call's input, then applies ``f``."""
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        self.f = f
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        return self.f(x)
+
+
+async def run_requests(
+    model: LoadedModel, requests: dict[str, np.ndarray[Any, Any]]
+) -> dict[str, Result]:
+    writer = RecordingWriter()
+    scheduler = scheduler_for(model, writer)
+    scheduler.add(NORMAL_STREAM, [accepted_array(NORMAL_STREAM, k, x) for k, x in requests.items()])
+    await drain(scheduler)
+    results = {r.id: r for r in writer.results()}
+    assert sorted(results) == sorted(requests)  # exactly one result each
+    return results
+
+
+async def test_a_batch_whose_outputs_have_the_wrong_rows_is_bisected() -> None:
+    """forward returns x[:1]: wrong for every batch of more than one row. Each
+    one-row request alone is right and gets its own row back; the two-row
+    request is wrong alone and gets model_error naming the output and shapes."""
+    forward = Shapes(lambda x: x[:1] * 2)
+    requests = {
+        "a": np.full((1, 3), 1.0, np.float32),
+        "b": np.full((1, 3), 2.0, np.float32),
+        "two": np.full((2, 3), 3.0, np.float32),
+        "d": np.full((1, 3), 4.0, np.float32),
+    }
+    results = await run_requests(small_model(forward, max_batch_size=8), requests)
+    bad = results.pop("two")
+    assert (bad.status, bad.error_code) == ("error", "model_error")
+    assert bad.error_message == (
+        "OutputMismatch: model 'm' output 'y': got shape [1, 3], "
+        "declared [n, 3] with n = 2 (the batch's rows)"
+    )
+    assert not bad.outputs
+    for request_id, result in results.items():
+        assert result.status == "ok", result.error_message
+        np.testing.assert_array_equal(result.outputs["y"], requests[request_id] * 2)
+    assert forward.shapes[0] == (5, 3)  # the whole batch ran first, and was refused
+
+
+async def test_an_output_with_undeclared_columns_is_a_model_error() -> None:
+    results = await run_requests(
+        small_model(lambda x: torch.cat([x, x], dim=1)),
+        {"a": np.ones((1, 3), np.float32), "b": np.ones((2, 3), np.float32)},
+    )
+    assert {k: (r.status, r.error_code) for k, r in results.items()} == {
+        "a": ("error", "model_error"),
+        "b": ("error", "model_error"),
+    }
+    assert "output 'y': got shape [2, 6], declared [n, 3] with n = 2" in results["b"].error_message
+
+
+async def test_a_variable_output_axis_shorter_than_a_request_is_a_model_error() -> None:
+    """forward keeps at most 4 positions: fine for requests up to length 4
+    (cut back to their own length), a model error for the longer one."""
+    forward = Shapes(lambda x: x[:, :4] * 2)
+    requests = {
+        "three": np.arange(3, dtype=np.float32)[None],
+        "six": np.arange(6, dtype=np.float32)[None],
+        "two": np.arange(2, dtype=np.float32)[None],
+    }
+    results = await run_requests(small_model(forward, shape=(-1,)), requests)
+    bad = results.pop("six")
+    assert (bad.status, bad.error_code) == ("error", "model_error")
+    assert bad.error_message == (
+        "OutputMismatch: model 'm' output 'y': got shape [1, 4], declared [n, -1] "
+        "with n = 1 (the batch's rows), each -1 at least 6 (the longest request)"
+    )
+    for request_id, result in results.items():
+        assert result.status == "ok", result.error_message
+        np.testing.assert_array_equal(result.outputs["y"], requests[request_id] * 2)
+
+
+async def test_batches_stop_before_passing_max_batch_bytes() -> None:
+    """64 bytes = 16 float32 of padded input per forward: the long request
+    is not batched with the short ones before it, nor with those after it."""
+    forward = Shapes(lambda x: x * 2)
+    lengths = {"r0": 2, "r1": 2, "r2": 2, "long": 10, "r4": 2, "r5": 2}
+    requests = {k: np.full((1, n), i + 1, np.float32) for i, (k, n) in enumerate(lengths.items())}
+    model = small_model(forward, max_batch_size=8, shape=(-1,), max_batch_bytes=64)
+    results = await run_requests(model, requests)
+    assert forward.shapes == [(3, 2), (1, 10), (2, 2)]
+    assert all(4 * rows * length <= 64 for rows, length in forward.shapes)
+    for request_id, result in results.items():
+        assert result.status == "ok", result.error_message
+        np.testing.assert_array_equal(result.outputs["y"], requests[request_id] * 2)
+
+
+async def test_max_batch_bytes_bounds_fixed_shape_batches_too() -> None:
+    forward = Shapes(lambda x: x * 2)
+    requests = {f"r{i}": np.full((1, 3), i, np.float32) for i in range(5)}
+    results = await run_requests(small_model(forward, max_batch_bytes=24), requests)
+    assert [rows for rows, _ in forward.shapes] == [2, 2, 1]  # 2 rows x 3 x 4 bytes = 24
+    assert {r.status for r in results.values()} == {"ok"}
+
+
 # -- the reader: every kind of hostile entry, one at a time ------------------
 
 X = encode_tensor(np.ones((1, 3), np.float32))
@@ -252,3 +369,25 @@ async def test_the_reader_answers_or_buries_each_hostile_entry(
             assert writer.outcomes[0].reply_to == INBOX  # the producer is told
         assert not scheduler.added and not writer.dead
         assert leases.holds(NORMAL_STREAM.queue, entry_id)  # until the writer releases it
+
+
+async def test_the_reader_refuses_a_request_over_max_batch_bytes() -> None:
+    from worker.leases import Leases
+
+    settings = load_settings(env={}, overrides={"redis.url": "redis://unused"})
+    model = small_model(Calls(), max_batch_bytes=8)  # one row of x is 12 bytes
+    writer, scheduler = RecordingWriter(), RecordingScheduler()
+    redis = fakeredis.FakeAsyncRedis()
+    reader = StreamReader(
+        NORMAL_STREAM, settings=settings, redis=redis, consumer="w",
+        served=ServedModels([model]), scheduler=scheduler, writer=writer,  # type: ignore[arg-type]
+        leases=Leases(), feed=ControlFeed(redis, KEYS, 0.1, print), stats=Stats(),
+    )  # fmt: skip
+    await reader.accept([(b"1700000000000-0", body())], 1)
+    [result] = writer.results()
+    assert (result.id, result.status, result.error_code) == ("bad", "error", "invalid_input")
+    assert result.error_message == (
+        "inputs take 12 bytes, over model 'm' max_batch_bytes 8 (the most one forward's "
+        "inputs may take): send fewer rows or shorter inputs"
+    )
+    assert writer.outcomes[0].reply_to == INBOX and not scheduler.added
