@@ -5,7 +5,9 @@ the accepted requests to the scheduler. What is invalid is answered at once
 
 Own pending entries come first: at start (a restarted worker keeps its
 consumer name), after a read whose reply was lost in transit, and after
-upkeep reclaimed idle entries of a dead consumer (``recover``).
+upkeep reclaimed idle entries of a dead consumer (``recover``). They are
+read one at a time, each only once the one before is answered, so only the
+entry being computed counts a delivery when the worker dies again.
 
 Counting rules (Redis): XREADGROUP with an id other than ``>`` increments an
 entry's delivery count, so re-reading own pending entries one at a time
@@ -110,6 +112,11 @@ class StreamReader:
                     if self._recovering:
                         for entry, deliveries in await self._next_own_pending(conn):
                             await self.accept([entry], deliveries)
+                            # Nothing is read past a redelivered entry until it is
+                            # answered: each read counts a delivery, and entries read
+                            # ahead of a poison one that kills the worker again would
+                            # reach max_deliveries and be buried with it.
+                            await self._leases.wait_released(self.stream.queue, entry[0], stop)
                         continue
                     max_rows = self._served[self.stream.model].spec.max_batch_size
                     reply: Any = await conn.xreadgroup(
