@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from common.aio import wait_any
 from common.envelope import Result, pack_result
 from common.keys import NORMAL
+from common.records import now_ms
 from common.spec import PaddedSize
 from worker.control import ControlFeed
 from worker.executor import BatchRun, Executor
@@ -41,10 +42,6 @@ from worker.work import Accepted, Batch, Outcome, Stream
 from worker.writer import Writer
 
 READ_AHEAD_BATCHES = 2  # a reader pauses while its backlog holds this many batches
-
-
-def now_ms() -> float:
-    return time.time() * 1000.0
 
 
 @dataclass

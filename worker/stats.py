@@ -10,13 +10,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.records import now_ms
 from worker.executor import BatchRun
 from worker.metrics import WorkerMetrics
 from worker.work import Batch
-
-
-def now_ms() -> float:
-    return time.time() * 1000.0
 
 
 @dataclass

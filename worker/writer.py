@@ -93,7 +93,6 @@ class Writer:
                 pipe.xack(stream.queue, CONSUMER_GROUP, letter.entry_id)
                 pipe.xdel(stream.queue, letter.entry_id)
             await pipe.execute()
-        self._leases.release(stream.queue, [letter.entry_id for letter in letters])
         log.warning(
             "dead-lettered %d entries of %s: %s", len(letters), stream.queue, letters[0].reason
         )

@@ -30,7 +30,6 @@ from producer.gateway.errors import HTTPProblem
 from producer.gateway.metrics import GatewayMetrics
 from producer.gateway.oip import OutputRequest
 from producer.gateway.results import Followers, ResultWatcher
-from producer.ops.status import collect_status
 
 T = TypeVar("T")
 
@@ -127,10 +126,6 @@ class Gateway:
 
     async def cancel(self, request_id: str) -> None:
         await self._call(self.client.cancel(request_id))
-
-    async def status(self) -> dict[str, Any]:
-        """Queues and workers as ``tensorq status`` sees them (RedisUnavailable if down)."""
-        return await self._call(collect_status(self.settings, redis=self.redis))
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
         try:

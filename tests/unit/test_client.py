@@ -4,8 +4,6 @@ result by id, and how result statuses map to typed errors."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import fakeredis
 import numpy as np
 import pytest
@@ -30,20 +28,6 @@ SPEC = ModelSpec(
     outputs=(TensorSpec("y", "bfloat16", (2,)),),
     max_batch_size=8,
 )
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[fakeredis.FakeAsyncRedis]:
-    server = fakeredis.FakeAsyncRedis()
-    await server.hset(KEYS.models, "toy", SPEC.to_json())
-    yield server
-    await server.aclose()
-
-
-@pytest.fixture
-async def client(fake: fakeredis.FakeAsyncRedis) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient("redis://fake", redis=fake) as c:
-        yield c
 
 
 async def test_models_are_read_from_the_registry(client: AsyncClient) -> None:

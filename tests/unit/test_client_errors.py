@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import uuid
-from collections.abc import AsyncIterator
 
 import fakeredis
 import numpy as np
@@ -36,20 +35,6 @@ KEYS = Keys()
 SPEC = ModelSpec("toy", inputs=(TensorSpec("x", "float32", (4,)),),
                  outputs=(TensorSpec("y", "float32", (4,)),), max_batch_size=8)  # fmt: skip
 X = np.zeros((1, 4), np.float32)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[fakeredis.FakeAsyncRedis]:
-    server = fakeredis.FakeAsyncRedis()
-    await server.hset(KEYS.models, "toy", SPEC.to_json())
-    yield server
-    await server.aclose()
-
-
-@pytest.fixture
-async def client(fake: fakeredis.FakeAsyncRedis) -> AsyncIterator[AsyncClient]:
-    async with AsyncClient("redis://fake", redis=fake) as c:
-        yield c
 
 
 # -- item 6: every typed error is reachable from producer ------------------------------
