@@ -36,7 +36,7 @@ from common.spec import PaddedSize
 from worker.control import ControlFeed
 from worker.executor import BatchRun, Executor
 from worker.served import ServedModels
-from worker.stats import Stats
+from worker.stats import BatchPart, Stats
 from worker.window import WindowModel
 from worker.work import Accepted, Batch, Outcome, Stream
 from worker.writer import Writer
@@ -240,5 +240,9 @@ class Scheduler:
     async def _finish(self, batch: Batch, run: BatchRun) -> None:
         outcomes = self._executor.outcomes(batch, run, self._worker)
         self._backlogs[batch.stream.queue].window.record_batch(batch.rows, run.infer_ms)
-        self._stats.record_batch(batch, run)
+        parts = [
+            BatchPart(1, item.rows, max(0.0, run.started_ms - item.enqueued_ms))
+            for item in batch.items
+        ]
+        self._stats.record_batch(batch.model.name, parts, run.infer_ms, run.failures)
         await self._writer.put(outcomes)

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from common.records import now_ms
-from worker.executor import BatchRun
 from worker.metrics import WorkerMetrics
-from worker.work import Batch
+
+
+class BatchPart(NamedTuple):
+    """Requests of one stream entry computed in one batch (a bundle, or a
+    single request): they share the entry's queue wait."""
+
+    requests: int
+    rows: int
+    wait_ms: float
 
 
 @dataclass
@@ -30,20 +38,25 @@ class Stats:
     def count_errors(self, n: int) -> None:
         self.errors += n
 
-    def record_batch(self, batch: Batch, run: BatchRun) -> None:
-        model = batch.model.name
-        rows = batch.rows
-        waits_ms = [max(0.0, run.started_ms - item.enqueued_ms) for item in batch.items]
-        for item, wait_ms in zip(batch.items, waits_ms, strict=True):
-            self._record(model, item.rows, wait_ms + run.infer_ms)
+    def record_batch(
+        self, model: str, parts: Sequence[BatchPart], infer_ms: float, failures: int
+    ) -> None:
+        """One computed batch: its parts (requests that shared an entry share
+        a wait), the forward's time and how many requests failed alone."""
+        rows = 0
+        requests = 0
+        for part in parts:
+            self._record(model, part.rows, part.wait_ms + infer_ms)
+            rows += part.rows
+            requests += part.requests
         if self.metrics is not None:
             self.metrics.record_batch(
-                model, rows, run.infer_ms / 1000, [w / 1000 for w in waits_ms]
+                model, rows, infer_ms / 1000, [p.wait_ms / 1000 for p in parts]
             )
         self.batches += 1
-        self.requests += len(batch.items)
+        self.requests += requests
         self.rows += rows
-        self.errors += run.failures
+        self.errors += failures
 
     def _record(self, model: str, rows: int, latency_ms: float) -> None:
         window = self.recent.setdefault(model, deque())
