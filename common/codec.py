@@ -40,6 +40,10 @@ _NUMPY_TO_WIRE: dict[np.dtype[Any], str] = {
 }
 
 
+# Storage dtypes a user's array may already have (uint16 is bfloat16 bits inside only).
+_STORAGE = frozenset(dt for name, dt in WIRE_DTYPES.items() if name != "bfloat16")
+
+
 @dataclass(frozen=True)
 class CodecLimits:
     """Bounds a decoder enforces before it trusts a payload."""
@@ -69,6 +73,8 @@ def as_wire_array(value: object, *, name: str = "tensor") -> np.ndarray[Any, Any
     array (``>f4``, as some file formats and network code hand out) is
     converted to the wire's little-endian byte order: a copy, the same values.
     """
+    if type(value) is np.ndarray and value.dtype in _STORAGE:  # the common case
+        return value
     if type(value).__module__.startswith("torch"):
         tensor: Any = value
         tensor = tensor.detach().cpu().contiguous()

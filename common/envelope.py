@@ -7,14 +7,14 @@ request id whenever one could be read, so a worker can answer it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import msgpack
 import numpy as np
 
-from common.codec import DEFAULT_LIMITS, CodecLimits, decode_tensor, encode_tensor
+from common.codec import DEFAULT_LIMITS, CodecLimits, decode_tensor, encode_tensor, wire_dtype_of
 from common.errors import ProtocolError
 
 PROTOCOL_VERSION = 1  # what pack_* write
@@ -34,6 +34,7 @@ class Request:
     deadline_ms: int | None = None
     reply_to: str | None = None
     priority: int = 0
+    store: bool = True  # keep the result under tq:r:<id> (pollable by id)
 
 
 @dataclass
@@ -68,11 +69,17 @@ def pack_request(request: Request) -> bytes:
         body["reply_to"] = request.reply_to
     if request.priority:
         body["priority"] = request.priority
+    if not request.store:
+        body["store"] = False
     return msgpack.packb(body, use_bin_type=True)
 
 
 def unpack_request(payload: bytes, limits: CodecLimits = DEFAULT_LIMITS) -> Request:
-    body = _unpack_map(payload, limits, "request")
+    return request_of(unpack_map(payload, limits, "request"), limits)
+
+
+def request_of(body: Mapping[Any, Any], limits: CodecLimits = DEFAULT_LIMITS) -> Request:
+    """A single request from its already-unpacked map."""
     request_id = body.get("id")
     if not isinstance(request_id, str) or not request_id:
         raise ProtocolError(f"request: 'id' must be a non-empty string, got {request_id!r:.40}")
@@ -102,6 +109,7 @@ class RequestFields(NamedTuple):
     deadline_ms: int | None
     reply_to: str | None
     priority: int
+    store: bool
 
 
 def decode_request_fields(body: Mapping[Any, Any], limits: CodecLimits) -> RequestFields:
@@ -126,7 +134,10 @@ def decode_request_fields(body: Mapping[Any, Any], limits: CodecLimits) -> Reque
     priority = body.get("priority", 0)
     if type(priority) is not int:
         raise ProtocolError("request: 'priority' must be an int")
-    return RequestFields(inputs, deadline, reply_to, priority)
+    store = body.get("store", True)
+    if type(store) is not bool:
+        raise ProtocolError("request: 'store' must be true or false")
+    return RequestFields(inputs, deadline, reply_to, priority, store)
 
 
 def pack_result(result: Result, output_dtypes: Mapping[str, str] | None = None) -> bytes:
@@ -148,8 +159,76 @@ def pack_result(result: Result, output_dtypes: Mapping[str, str] | None = None) 
     return msgpack.packb(body, use_bin_type=True)
 
 
-def unpack_result(payload: bytes, limits: CodecLimits = DEFAULT_LIMITS) -> Result:
-    body = _unpack_map(payload, limits, "result")
+def pack_ok_results(
+    ids: Sequence[str],
+    offsets: Sequence[int],
+    outputs: Arrays,
+    output_dtypes: Mapping[str, str],
+    *,
+    queued_ms: float,
+    infer_ms: float,
+    batch_size: int,
+    worker: str,
+) -> list[bytes]:
+    """``pack_result`` of the ``ok`` results of requests computed together
+    (request i owns rows offsets[i]:offsets[i+1] of every output), built
+    from pieces packed once: the same map ``pack_result`` writes (its keys
+    in another order), at a fraction of the cost per request."""
+    packb = msgpack.packb
+    common = {
+        "v": PROTOCOL_VERSION,
+        "status": "ok",
+        "queued_ms": round(queued_ms, 3),
+        "infer_ms": round(infer_ms, 3),
+        "batch_size": batch_size,
+        "worker": worker,
+    }
+    head = bytes([0x80 | (len(common) + 2)]) + b"".join(
+        packb(k) + packb(v) for k, v in common.items()
+    ) + packb("id")  # fmt: skip
+    outputs_head = packb("outputs") + _map_header(len(outputs))
+    columns = []  # per output: its key and per-row prefix, bytes, bytes per row
+    for name, array in outputs.items():
+        dtype = output_dtypes.get(name) or wire_dtype_of(array)
+        prefix = packb(name) + b"\x83" + packb("dtype") + packb(dtype) + packb("shape")
+        whole = np.ascontiguousarray(array)
+        data = memoryview(whole).cast("B") if whole.size else memoryview(b"")  # type: ignore[arg-type]
+        row_bytes = data.nbytes // whole.shape[0] if whole.shape[0] else 0
+        columns.append((prefix, whole.shape[1:], data, row_bytes))
+    data_key = packb("data")
+    shapes: dict[tuple[int, tuple[int, ...]], bytes] = {}  # packed shapes, by rows
+    payloads = []
+    for i, request_id in enumerate(ids):
+        start, end = offsets[i], offsets[i + 1]
+        parts = [head, packb(request_id), outputs_head]
+        for prefix, rest, data, row_bytes in columns:
+            shape = shapes.get((end - start, rest))
+            if shape is None:
+                shape = shapes.setdefault((end - start, rest), packb([end - start, *rest]))
+            chunk = data[start * row_bytes : end * row_bytes]
+            parts += [prefix, shape, data_key, _bin_header(chunk.nbytes), bytes(chunk)]
+        payloads.append(b"".join(parts))
+    return payloads
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 0x100:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 0x10000:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
+def _map_header(n: int) -> bytes:
+    return bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+
+
+def unpack_result(
+    payload: bytes, limits: CodecLimits = DEFAULT_LIMITS, *, body: Mapping[Any, Any] | None = None
+) -> Result:
+    """One result map (``body``: the same, already unpacked)."""
+    if body is None:
+        body = unpack_map(payload, limits, "result")
     request_id = body.get("id")
     status = body.get("status")
     if not isinstance(request_id, str) or status not in STATUSES:
@@ -206,7 +285,7 @@ def peek_id_and_reply_to(payload: bytes) -> tuple[str | None, str | None]:
     )
 
 
-def _unpack_map(payload: bytes, limits: CodecLimits, what: str) -> dict[Any, Any]:
+def unpack_map(payload: bytes, limits: CodecLimits, what: str) -> dict[Any, Any]:
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise ProtocolError(f"{what}: expected msgpack bytes, got {type(payload).__name__}")
     if len(payload) > limits.max_payload_bytes + 65536:

@@ -6,6 +6,9 @@ Layout (``tq`` is the configurable prefix; ``<x>`` a placeholder):
     tq:q:<model>        stream of requests, consumer group ``workers``; field ``req``
                         holds the msgpack request. Entries are XACKed and XDELed
                         only after their result is written.
+    tq:qn:<model>[:high]  requests held by the stream (an entry holds one request or a
+                        bundle of many): the queue limit counts these; reset when the
+                        stream is empty, so a drifted count heals itself
     tq:r:<id>           the msgpack result, with a TTL (default 1 hour)
     tq:inbox:<client>   list a waiting producer pops results from (BLMPOP); each
                         element is a msgpack result; TTL renewed on each push
@@ -79,6 +82,12 @@ class Keys:
         """The model's stream; priority HIGH (any priority > 0) has its own."""
         stream = f"{self.prefix}:q:{self._tag(model)}"
         return f"{stream}:high" if priority > NORMAL else stream
+
+    def queued(self, queue: str) -> str:
+        """How many requests the stream ``queue`` holds (a bundle is many per
+        entry): raised by the enqueue script, lowered by the worker's acks;
+        in the stream's slot on a cluster."""
+        return f"{self.prefix}:qn:" + queue.removeprefix(f"{self.prefix}:q:")
 
     def queues(self, model: str) -> tuple[str, str]:
         """Both of a model's streams, in the order workers serve them."""

@@ -8,9 +8,10 @@ is checked by one function at submit time and again by the worker.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -103,6 +104,52 @@ class ModelSpec:
         ``inputs`` hold wire-storage arrays (bfloat16 as uint16 bits), so the
         dtype check compares storage dtypes.
         """
+        rows = self._check_arrays(inputs, request_id)
+        if rows < 1:
+            raise InvalidInput("a request needs at least one row", request_id=request_id)
+        self._check_size(rows, lambda: padded_bytes(self, [inputs]), request_id)
+        return rows
+
+    def check_bundle(
+        self,
+        inputs: Mapping[str, np.ndarray[Any, Any]],
+        offsets: Sequence[int],
+        *,
+        request_id: str | None = None,
+    ) -> None:
+        """Raise InvalidInput unless the stacked ``inputs`` of a bundle's
+        members (member i owns rows offsets[i]:offsets[i+1]) fit this model,
+        each member as ``check_inputs`` would judge it alone."""
+        total = self._check_arrays(inputs, request_id)
+        if total != offsets[-1]:
+            raise InvalidInput(
+                f"bundle inputs hold {total} rows, its members {offsets[-1]}", request_id=request_id
+            )
+        most = max(b - a for a, b in itertools.pairwise(offsets))
+        # stacked members share their per-row shape: the largest is the biggest
+        self._check_size(most, lambda: padded_bytes(self, [inputs]) // total * most, request_id)
+
+    def _check_size(self, rows: int, nbytes: Callable[[], int], request_id: str | None) -> None:
+        """One request's rows against max_batch_size, its bytes against max_batch_bytes."""
+        if rows > self.max_batch_size:
+            raise InvalidInput(
+                f"{rows} rows exceed model {self.name!r} max_batch_size {self.max_batch_size}",
+                request_id=request_id,
+            )
+        limit = self.max_batch_bytes
+        if limit is not None:
+            size = nbytes()
+            if size > limit:
+                raise InvalidInput(
+                    f"inputs take {size} bytes, over model {self.name!r} max_batch_bytes {limit} "
+                    "(the most one forward's inputs may take): send fewer rows or shorter inputs",
+                    request_id=request_id,
+                )
+
+    def _check_arrays(
+        self, inputs: Mapping[str, np.ndarray[Any, Any]], request_id: str | None
+    ) -> int:
+        """Names, dtypes and per-row shapes; the rows all inputs agree on."""
         if not isinstance(inputs, Mapping):
             raise ProtocolError("inputs must be a map of name -> tensor", request_id=request_id)
         declared = {s.name for s in self.inputs}
@@ -137,22 +184,6 @@ class ModelSpec:
             elif n != rows:
                 raise InvalidInput(
                     f"inputs disagree on the batch axis: {spec.name!r} has {n} rows, others {rows}",
-                    request_id=request_id,
-                )
-        if rows < 1:
-            raise InvalidInput("a request needs at least one row", request_id=request_id)
-        if rows > self.max_batch_size:
-            raise InvalidInput(
-                f"{rows} rows exceed model {self.name!r} max_batch_size {self.max_batch_size}",
-                request_id=request_id,
-            )
-        limit = self.max_batch_bytes
-        if limit is not None:
-            size = padded_bytes(self, [inputs])
-            if size > limit:
-                raise InvalidInput(
-                    f"inputs take {size} bytes, over model {self.name!r} max_batch_bytes {limit} "
-                    "(the most one forward's inputs may take): send fewer rows or shorter inputs",
                     request_id=request_id,
                 )
         return rows

@@ -26,7 +26,9 @@ import redis
 
 from common import redis_conn
 from common.backoff import Poll
+from common.bundle import unpack_entry
 from common.embedded_redis import EmbeddedRedis
+from common.envelope import Request
 from common.keys import Keys
 from common.records import live_workers
 from common.settings import RedisSettings
@@ -64,6 +66,30 @@ async def async_wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         await poll.sleep()
+
+
+def entry_requests(raw: bytes) -> list[Request]:
+    """The requests of one stream entry's ``req`` field, a bundle's members
+    each as a single request (inputs sliced from the stacked ones)."""
+    entry = unpack_entry(raw)
+    if isinstance(entry, Request):
+        return [entry]
+    requests = []
+    for i, request_id in enumerate(entry.ids):
+        start, end = entry.offsets[i], entry.offsets[i + 1]
+        if entry.inputs is not None:
+            inputs = {k: a[start:end] for k, a in entry.inputs.items()}
+        else:
+            inputs = dict((entry.member_inputs or [])[i] or {})
+        requests.append(Request(request_id or "", entry.model, inputs, entry.deadlines[i],
+                                entry.reply_to[i], entry.priority[i], entry.store[i]))  # fmt: skip
+    return requests
+
+
+def queued_ids(client: redis.Redis, queue: str) -> list[str]:
+    """The ids of every request a stream holds, bundles' members included."""
+    entries: Any = client.xrange(queue)
+    return [r.id for _, fields in entries for r in entry_requests(fields[b"req"])]
 
 
 def http_ready(url: str) -> bool:

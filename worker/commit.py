@@ -1,6 +1,7 @@
-"""Committing a batch, the writer's one path for results: every result (SET
-with TTL), the inbox pushes, and the XACK + XDEL of the entries they
-answer, in one Lua script: atomic (a kill never leaves a result without its
+"""Committing a batch, the writer's one path for results: the results kept by
+id (SET with TTL), the inbox pushes, and the XACK + XDEL of the entries
+they complete (with their requests taken off the stream's request counter),
+in one Lua script: atomic (a kill never leaves a result without its
 ack or the reverse) and one command per batch instead of one per result,
 which is most of the write cost.
 
@@ -16,13 +17,18 @@ Keys of one batch span several slots, so on Redis Cluster (``keys.cluster``)
 the script cannot run; there a batch is two pipelined round trips instead:
 the results and inbox pushes (redis-py sends each node its share), then per
 stream XACK + XDEL (a stream's keys share a slot). A kill between the two
-leaves answered entries pending; their redelivery finds the result and only
-acks, so each request is still answered once.
+leaves answered entries pending; their redelivery finds the stored results
+and only acks; a request that asked not to be stored (``infer``) is computed
+and pushed again, and its waiting client keeps the first answer.
 
 Script arguments:
-    KEYS = result keys (n, in outcome order), inbox keys (m), stream keys (q)
-    ARGV = ttl, n, m, q, payloads (n; empty = ack only), inbox index per
-           outcome (n; 0 = none), then per stream: id count, ids...
+    KEYS = result keys (n), inbox keys (m), stream keys (q), their request
+           counters (q, ``Keys.queued``)
+    ARGV = ttl, n, m, q, group, payloads (n), then per inbox: element count,
+           elements..., then per stream: requests acked, id count, ids...
+An inbox element is one packed result or a result bundle (many members'
+results in one element); one LPUSH per inbox carries every element of the
+commit for it.
 XACK/XDEL run under pcall: after Redis restarted empty the group is gone
 (NOGROUP) and the results must still count as written. They go in chunks
 of 1,000 ids (Lua's unpack stops near 8,000). An inbox push runs under pcall
@@ -33,47 +39,63 @@ request cannot make a worker write into, or expire, any other key.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from common.keys import CONSUMER_GROUP, Keys
 from common.scripts import LuaScript
-from worker.work import Outcome
 
 COMMIT = LuaScript("""
-local ttl, n, m, q = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local pushed = {}
+local ttl, group = ARGV[1], ARGV[5]
+local n, m, q = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 for i = 1, n do
-  local payload = ARGV[4 + i]
-  if payload ~= '' then
-    redis.call('SET', KEYS[i], payload, 'EX', ttl)
-    local inbox = tonumber(ARGV[4 + n + i])
-    if inbox > 0 then
-      local ok = redis.pcall('LPUSH', KEYS[n + inbox], payload)
-      if type(ok) == 'number' then pushed[inbox] = true end
-    end
-  end
+  redis.call('SET', KEYS[i], ARGV[5 + i], 'EX', ttl)
 end
+local a = 5 + n
 for j = 1, m do
-  if pushed[j] then redis.call('EXPIRE', KEYS[n + j], ttl) end
+  local inbox, count, pushed = KEYS[n + j], tonumber(ARGV[a + 1]), false
+  for first = 1, count, 1000 do
+    local items = {}
+    for k = first, math.min(count, first + 999) do items[#items + 1] = ARGV[a + 1 + k] end
+    if type(redis.pcall('LPUSH', inbox, unpack(items))) == 'number' then pushed = true end
+  end
+  if pushed then redis.call('EXPIRE', inbox, ttl) end
+  a = a + 1 + count
 end
-local a, failures, group = 4 + 2 * n, 0, ARGV[#ARGV]
+local failures = 0
 for j = 1, q do
-  local stream, count, refused = KEYS[n + m + j], tonumber(ARGV[a + 1]), false
+  local stream, counter = KEYS[n + m + j], KEYS[n + m + q + j]
+  local requests, count, refused = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), false
   for first = 1, count, 1000 do
     local ids = {}
-    for k = first, math.min(count, first + 999) do ids[#ids + 1] = ARGV[a + 1 + k] end
+    for k = first, math.min(count, first + 999) do ids[#ids + 1] = ARGV[a + 2 + k] end
     local acked = redis.pcall('XACK', stream, group, unpack(ids))
     if type(acked) == 'table' and acked.err then refused = true end
     redis.pcall('XDEL', stream, unpack(ids))
   end
+  if requests > 0 then redis.pcall('DECRBY', counter, requests) end
   if refused then failures = failures + 1 end
-  a = a + 1 + count
+  a = a + 2 + count
 end
 return failures
 """)
+
+
+@dataclass
+class CommitPlan:
+    """What one commit writes: results to keep by id, inbox elements, and
+    the entries to ack per stream with how many requests they held."""
+
+    stored: list[tuple[str, bytes]] = field(default_factory=list)  # (request id, result)
+    pushes: dict[str, list[bytes]] = field(default_factory=dict)  # inbox -> elements
+    acks: dict[str, tuple[int, list[bytes]]] = field(default_factory=dict)
+
+    def ack(self, queue: str, entry_id: bytes, requests: int) -> None:
+        held, ids = self.acks.get(queue, (0, []))
+        ids.append(entry_id)
+        self.acks[queue] = (held + requests, ids)
 
 
 class Committer:
@@ -82,49 +104,34 @@ class Committer:
         self._keys = keys
         self._ttl = result_ttl_s
 
-    async def commit(self, outcomes: Sequence[Outcome]) -> int:
-        """Write a batch's outcomes; returns how many streams refused the ack
-        (their group is gone; the results are written all the same)."""
+    async def commit(self, plan: CommitPlan) -> int:
+        """Write a plan; returns how many streams refused the ack (their
+        group is gone; the results are written all the same)."""
         if self._keys.cluster:
-            return await self._commit_by_slot(outcomes)
-        inboxes: dict[str, int] = {}
-        streams: dict[str, list[bytes]] = {}
-        keys: list[Any] = [self._keys.result(o.request_id) for o in outcomes]
-        payloads: list[Any] = []
-        inbox_index: list[Any] = []
-        for out in outcomes:
-            payloads.append(out.payload)
-            if out.payload and out.reply_to and self._keys.is_inbox(out.reply_to):
-                inbox_index.append(inboxes.setdefault(out.reply_to, len(inboxes) + 1))
-            else:
-                inbox_index.append(0)
-            streams.setdefault(out.queue, []).append(out.entry_id)
-        keys += list(inboxes) + list(streams)
-        args: list[Any] = [self._ttl, len(outcomes), len(inboxes), len(streams)]
-        args += payloads + inbox_index
-        for ids in streams.values():
-            args += [len(ids), *ids]
+            return await self._commit_by_slot(plan)
+        keys: list[Any] = [self._keys.result(i) for i, _ in plan.stored]
+        keys += list(plan.pushes) + list(plan.acks)
+        keys += [self._keys.queued(queue) for queue in plan.acks]
+        args: list[Any] = [self._ttl, len(plan.stored), len(plan.pushes), len(plan.acks)]
         args.append(CONSUMER_GROUP)
+        args += [payload for _, payload in plan.stored]
+        for elements in plan.pushes.values():
+            args += [len(elements), *elements]
+        for requests, ids in plan.acks.values():
+            args += [requests, len(ids), *ids]
         failures: int = await COMMIT.run(self._redis, keys, args)
         return failures
 
-    async def _commit_by_slot(self, outcomes: Sequence[Outcome]) -> int:
-        inboxes: set[str] = set()
-        streams: dict[str, list[bytes]] = {}
+    async def _commit_by_slot(self, plan: CommitPlan) -> int:
         is_set: list[bool] = []  # per queued command: a result SET (else a push or expiry)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for out in outcomes:
-                if out.payload:
-                    pipe.set(self._keys.result(out.request_id), out.payload, ex=self._ttl)
-                    is_set.append(True)
-                    if out.reply_to and self._keys.is_inbox(out.reply_to):
-                        pipe.lpush(out.reply_to, out.payload)
-                        is_set.append(False)
-                        inboxes.add(out.reply_to)
-                streams.setdefault(out.queue, []).append(out.entry_id)
-            for inbox in inboxes:
+            for request_id, payload in plan.stored:
+                pipe.set(self._keys.result(request_id), payload, ex=self._ttl)
+                is_set.append(True)
+            for inbox, elements in plan.pushes.items():
+                pipe.lpush(inbox, *elements)
                 pipe.expire(inbox, self._ttl)
-                is_set.append(False)
+                is_set += [False, False]
             if is_set:
                 # a failed push or expiry costs that push; a failed SET is retried
                 replies = await pipe.execute(raise_on_error=False)
@@ -132,8 +139,9 @@ class Committer:
                     if result_set and isinstance(reply, Exception):
                         raise reply
         async with self._redis.pipeline(transaction=False) as pipe:
-            for queue, ids in streams.items():
+            for queue, (requests, ids) in plan.acks.items():
                 pipe.xack(queue, CONSUMER_GROUP, *ids)
                 pipe.xdel(queue, *ids)
+                pipe.decrby(self._keys.queued(queue), requests)
             replies = await pipe.execute(raise_on_error=False)
-        return sum(isinstance(reply, Exception) for reply in replies[::2])
+        return sum(isinstance(reply, Exception) for reply in replies[::3])

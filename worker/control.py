@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -65,6 +65,10 @@ class ControlFeed:
 
     def is_cancelled(self, request_id: str) -> bool:
         return request_id in self._cancelled
+
+    def cancelled_among(self, request_ids: Iterable[str]) -> set[str]:
+        """Which of these are cancelled (one set operation for a whole bundle)."""
+        return self._cancelled.intersection(request_ids) if self._cancelled else set()
 
     def add_cancelled(self, request_id: str) -> None:
         self._cancelled.add(request_id)

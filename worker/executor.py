@@ -29,13 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.bundle import pack_result_bundle
 from common.codec import WIRE_DTYPES
-from common.envelope import Arrays, Result, pack_result
+from common.envelope import Arrays, Result, pack_ok_results, pack_result
 from common.errors import ConfigError
 from common.spec import ModelSpec
 from worker.batching import Allocator, Assembled, assemble, check_output, split
 from worker.registry import LoadedModel
-from worker.work import Batch, Outcome
+from worker.work import Accepted, Batch, Outcome, fixed
 
 _TORCH_DTYPES = {
     "float32": torch.float32,
@@ -67,14 +68,9 @@ class BatchRun:
 
     assembled: Assembled
     outputs: Arrays | None  # the whole batch's outputs when forward succeeded
-    failed: list[Arrays | ModelFailure] | None  # per request, after bisecting a failure
+    failed: list[Arrays | ModelFailure] | None  # per request (member), after bisecting a failure
     started_ms: float  # unix ms when compute began
     infer_ms: float
-
-    def per_request(self, spec: ModelSpec) -> list[Arrays | ModelFailure]:
-        if self.outputs is None:
-            return self.failed or []
-        return list(split(spec, self.assembled, self.outputs))
 
     @property
     def failures(self) -> int:
@@ -126,32 +122,21 @@ class Executor:
 
     def start(self, batch: Batch) -> asyncio.Future[BatchRun]:
         """Assemble ``batch`` here (the event loop) and compute it in the compute thread."""
-        inputs = [item.request.inputs for item in batch.items]
-        assembled = self.assemble(batch.model, inputs)
+        parts = [item.inputs for item in batch.items]  # a parcel's members are stacked already
+        assembled = self.assemble(batch.model, parts)
         loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self._compute, self.compute, batch, inputs, assembled)
+        return loop.run_in_executor(self._compute, self.compute, batch, parts, assembled)
 
     def outcomes(self, batch: Batch, run: BatchRun, worker: str) -> list[Outcome]:
-        """Split a computed batch per request and pack the results (event loop)."""
+        """Split a computed batch per parcel and pack its answers (event loop):
+        one result bundle per parcel whose members share an inbox."""
         spec = batch.model.spec
-        rows = batch.rows
-        dtypes = {t.name: t.dtype for t in spec.outputs}
-        outcomes = []
-        for item, outputs in zip(batch.items, run.per_request(spec), strict=True):
-            request = item.request
-            if isinstance(outputs, ModelFailure):
-                result = Result.failure(request.id, "error", "model_error", str(outputs))
-            else:
-                result = Result(request.id, "ok", outputs=outputs)
-            result.queued_ms = max(0.0, run.started_ms - item.enqueued_ms)
-            result.infer_ms = run.infer_ms
-            result.batch_size = rows
-            result.worker = worker
-            payload = pack_result(result, dtypes)
-            outcomes.append(
-                Outcome(item.stream.queue, item.entry_id, request.id, request.reply_to, payload)
-            )
-        return outcomes
+        answer = Answering(spec, run, batch.rows, worker)
+        if run.outputs is not None:
+            per_parcel = split(spec, run.assembled, run.outputs)
+            return [answer.ok(item, out) for item, out in zip(batch.items, per_parcel, strict=True)]
+        failed = iter(run.failed or ())
+        return [answer.each(item, [next(failed) for _ in item.ids]) for item in batch.items]
 
     def close(self) -> None:
         self._compute.shutdown(wait=True)
@@ -172,15 +157,17 @@ class Executor:
         assembled = assemble(model.spec, [dict(inputs)])
         return split(model.spec, assembled, self.forward(model, assembled))[0]
 
-    def compute(self, batch: Batch, requests: Sequence[Arrays], assembled: Assembled) -> BatchRun:
+    def compute(self, batch: Batch, parts: Sequence[Arrays], assembled: Assembled) -> BatchRun:
         """Forward on an assembled batch (compute thread). If it raises, the
-        batch is bisected so only the requests that fail alone get a ModelFailure."""
+        batch is bisected request by request so only the requests that fail
+        alone get a ModelFailure."""
         started_ms = time.time() * 1000
         t0 = time.perf_counter()
         try:
             outputs: Arrays | None = self.forward(batch.model, assembled)
             failed = None
         except Exception as exc:
+            requests = [m.inputs for item in batch.items for m in item.members()]
             outputs, failed = None, self._bisect(batch.model, requests, exc)
         infer_ms = (time.perf_counter() - t0) * 1000
         return BatchRun(assembled, outputs, failed, started_ms, infer_ms)
@@ -247,3 +234,60 @@ def _outputs_to_numpy(spec: ModelSpec, raw: Any, rows: int, longest: int) -> Arr
         else:
             arrays[tensor.name] = value.numpy()
     return arrays
+
+
+class Answering:
+    """Packing a computed batch's answers, parcel by parcel."""
+
+    def __init__(self, spec: ModelSpec, run: BatchRun, rows: int, worker: str) -> None:
+        self._dtypes = {t.name: t.dtype for t in spec.outputs}
+        self._run = run
+        self._rows = rows
+        self._worker = worker
+
+    def _result(self, item: Accepted, result: Result) -> Result:
+        result.queued_ms = max(0.0, self._run.started_ms - item.enqueued_ms)
+        result.infer_ms = self._run.infer_ms
+        result.batch_size = self._rows
+        result.worker = self._worker
+        return result
+
+    def ok(self, item: Accepted, outputs: Arrays) -> Outcome:
+        """A parcel computed without failure: its members' rows of ``outputs``."""
+        offsets = item.offsets
+
+        queued_ms = max(0.0, self._run.started_ms - item.enqueued_ms)
+        infer_ms, batch_size, worker = self._run.infer_ms, self._rows, self._worker
+
+        def singles() -> list[bytes]:
+            return pack_ok_results(
+                item.ids, offsets, outputs, self._dtypes,
+                queued_ms=queued_ms, infer_ms=infer_ms, batch_size=batch_size, worker=worker,
+            )  # fmt: skip
+
+        inbox = item.reply_to[0]
+        if item.count == 1 or inbox is None or any(r != inbox for r in item.reply_to):
+            payloads = singles()
+            pushes = tuple((r, p) for r, p in zip(item.reply_to, payloads, strict=True) if r)
+            return Outcome(item.stream.queue, item.entry_id, item.ids, item.store, pushes,
+                           fixed(payloads))  # fmt: skip
+        rows = [offsets[i + 1] - offsets[i] for i in range(item.count)]
+        element = pack_result_bundle(
+            item.ids, rows, outputs, self._dtypes,
+            queued_ms=queued_ms, infer_ms=infer_ms, batch_size=batch_size, worker=worker,
+        )  # fmt: skip
+        return Outcome(item.stream.queue, item.entry_id, item.ids, item.store,
+                       ((inbox, element),), singles)  # fmt: skip
+
+    def each(self, item: Accepted, answers: Sequence[Arrays | ModelFailure]) -> Outcome:
+        """A parcel of a bisected batch: each member's own outputs or failure."""
+        payloads = []
+        for request_id, outputs in zip(item.ids, answers, strict=True):
+            if isinstance(outputs, ModelFailure):
+                result = Result.failure(request_id, "error", "model_error", str(outputs))
+            else:
+                result = Result(request_id, "ok", outputs=outputs)
+            payloads.append(pack_result(self._result(item, result), self._dtypes))
+        pushes = tuple((r, p) for r, p in zip(item.reply_to, payloads, strict=True) if r)
+        return Outcome(item.stream.queue, item.entry_id, item.ids, item.store, pushes,
+                       fixed(payloads))  # fmt: skip

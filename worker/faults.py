@@ -26,8 +26,8 @@ class CrashOnRequest(Executor):
         super().__init__(device)
         self.prefix = prefix
 
-    def compute(self, batch: Batch, requests: Sequence[Arrays], assembled: Assembled) -> BatchRun:
-        if any(item.request.id.startswith(self.prefix) for item in batch.items):
+    def compute(self, batch: Batch, parts: Sequence[Arrays], assembled: Assembled) -> BatchRun:
+        if any(i.startswith(self.prefix) for item in batch.items for i in item.ids):
             log.error("fault hook: killing this worker on a marked request")
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().compute(batch, requests, assembled)
+        return super().compute(batch, parts, assembled)

@@ -12,24 +12,29 @@ the event loop. A partial batch waits for the running one to finish and so
 collects whatever arrives meanwhile (the natural batching). A computed
 batch's outcomes go to the writer.
 
-A batch holds whole requests, up to ``max_batch_size`` rows and up to the
-model's ``max_batch_bytes`` of padded inputs (``common.spec.PaddedSize``: a
-long request stops the batch before padding the short ones past it).
+The backlog holds parcels (worker/work.py: a request, or a bundle's members
+stacked). A batch holds whole requests, up to ``max_batch_size`` rows and up
+to the model's ``max_batch_bytes`` of padded inputs
+(``common.spec.PaddedSize``: a long request stops the batch before padding
+the short ones past it); a parcel that does not fit whole is split between
+its members, the rest waiting at the head of the backlog for the next batch.
 
 A redelivered request (its worker died, maybe because of it) runs alone, so
-a poison request cannot take its neighbours down with it again.
+a poison request cannot take its neighbours down with it again (the reader
+hands a redelivered bundle over member by member).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from common.aio import wait_any
-from common.envelope import Result, pack_result
+from common.envelope import Result
 from common.keys import NORMAL
 from common.records import now_ms
 from common.spec import PaddedSize
@@ -169,20 +174,34 @@ class Scheduler:
         # max_batch_size such rows fit, nothing more needs sizing.
         padded = any(t.variable_axes for t in model.spec.inputs)
         sizing = True
-        while backlog.items:
-            head = backlog.items[0]
+        items = backlog.items
+        while items:
+            head = items[0]
             if taken and (head.redelivered or taken[0].redelivered):
                 break
-            if taken and rows + head.rows > max_rows:
-                break
+            room = max_rows - rows
             if sizing:
-                size = size.join(head.request.inputs)
-                if taken and size.nbytes > max_bytes:
+                joined = size.join(head.inputs)
+                if joined.nbytes > max_bytes:  # a parcel's members share their padded row size
+                    room = min(room, int(max_bytes * joined.rows // joined.nbytes) - rows)
+            full = head.rows > room
+            if full:
+                fits = bisect.bisect_right(head.offsets, room) - 1  # whole members within room
+                if fits <= 0 and taken:
                     break
+                if max(fits, 1) < head.count:
+                    head, items[0] = head.split(max(fits, 1))
+                else:
+                    items.popleft()
+            else:
+                items.popleft()
+            if sizing:
+                size = size.join(head.inputs)
                 sizing = padded or size.nbytes * max_rows > max_bytes * size.rows
-            backlog.items.popleft()
             rows += head.rows
             taken.append(head)
+            if full:
+                break
         backlog.rows -= rows
         backlog.changed.set()  # wakes a reader waiting for room
         return taken
@@ -214,26 +233,40 @@ class Scheduler:
 
     async def _drop_settled(self, items: list[Accepted]) -> list[Accepted]:
         """Answer cancelled and expired requests without computing them (local
-        checks only: no round trip on the way to the device)."""
+        checks only: no round trip on the way to the device; one set
+        operation and one deadline comparison per parcel)."""
         now = now_ms()
         keep: list[Accepted] = []
         settled: list[Outcome] = []
         for item in items:
-            request = item.request
-            if self._feed.is_cancelled(request.id):
-                result = Result.failure(request.id, "cancelled", "cancelled", "request cancelled")
-            elif request.deadline_ms is not None and request.deadline_ms < now:
-                result = Result.failure(
-                    request.id, "expired", "expired", "deadline passed before compute"
-                )
-            else:
+            cancelled = self._feed.cancelled_among(item.ids)
+            earliest = item.earliest_deadline
+            if not cancelled and (earliest is None or earliest >= now):
                 keep.append(item)
                 continue
-            result.worker = self._worker
+            dropped: list[int] = []
+            results: list[Result] = []
+            for i, request_id in enumerate(item.ids):
+                deadline = item.deadlines[i]
+                if request_id in cancelled:
+                    result = Result.failure(request_id, "cancelled", "cancelled",
+                                            "request cancelled")  # fmt: skip
+                elif deadline is not None and deadline < now:
+                    result = Result.failure(request_id, "expired", "expired",
+                                            "deadline passed before compute")  # fmt: skip
+                else:
+                    continue
+                result.worker = self._worker
+                dropped.append(i)
+                results.append(result)
             settled.append(
-                Outcome(item.stream.queue, item.entry_id, request.id, request.reply_to,
-                        pack_result(result))
+                Outcome.of_results(item.stream.queue, item.entry_id, results,
+                                   [item.reply_to[i] for i in dropped],
+                                   [item.store[i] for i in dropped])
             )  # fmt: skip
+            if len(dropped) < item.count:
+                gone = set(dropped)
+                keep.append(item.select([i for i in range(item.count) if i not in gone]))
         await self._writer.put(settled)
         return keep
 
@@ -241,7 +274,7 @@ class Scheduler:
         outcomes = self._executor.outcomes(batch, run, self._worker)
         self._backlogs[batch.stream.queue].window.record_batch(batch.rows, run.infer_ms)
         parts = [
-            BatchPart(1, item.rows, max(0.0, run.started_ms - item.enqueued_ms))
+            BatchPart(item.count, item.rows, max(0.0, run.started_ms - item.enqueued_ms))
             for item in batch.items
         ]
         self._stats.record_batch(batch.model.name, parts, run.infer_ms, run.failures)

@@ -51,8 +51,9 @@ class Stats:
             requests += part.requests
         if self.metrics is not None:
             self.metrics.record_batch(
-                model, rows, infer_ms / 1000, [p.wait_ms / 1000 for p in parts]
-            )
+                model, rows, infer_ms / 1000,
+                [p.wait_ms / 1000 for p in parts for _ in range(p.requests)],  # one per request
+            )  # fmt: skip
         self.batches += 1
         self.requests += requests
         self.rows += rows

@@ -5,7 +5,11 @@ Outcomes arrive on a bounded queue (``put``) and are committed in arrival
 order, each group with one atomic script (worker/commit.py), retried with
 backoff while Redis is away: the entries stay pending meanwhile, so if a
 write never succeeds they are redelivered (restart) or reclaimed, and
-nothing is lost. Once written, their leases are released.
+nothing is lost. An entry is acked with the answer to the last of its
+requests (a bundle's members may be answered in several commits: invalid
+ones at once, the others by their batches); until then every answer to it
+is also kept by id, so that a redelivery of the entry knows which of its
+requests are done. Once acked, its lease is released.
 
 Dead letters (``dead_letter``, ``bury``) are written at once, awaited by
 the reader that found them.
@@ -16,18 +20,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common.backoff import Backoff
 from common.envelope import Result, pack_result, peek_id_and_reply_to
-from common.keys import CONSUMER_GROUP, REQUEST_FIELD, Keys
+from common.keys import CONSUMER_GROUP, Keys
 from common.records import DeadLetter
-from worker.commit import Committer
+from worker.commit import CommitPlan, Committer
 from worker.leases import Leases
-from worker.work import Outcome, Stream
+from worker.work import Outcome, Stream, fixed
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +64,10 @@ class Writer:
             outcomes = await self._queue.get()
             if outcomes is None:
                 return
+            plan = self.plan(outcomes)
             while True:
                 try:
-                    await self.commit(outcomes)
+                    await self.commit(plan)
                     backoff.reset()
                     break
                 except RedisError as exc:
@@ -71,36 +75,56 @@ class Writer:
                         log.error("giving up writing %d results: %s", len(outcomes), exc)
                         break
                     await backoff.wait("write results", exc)
-            by_queue: dict[str, list[bytes]] = {}
-            for out in outcomes:
-                by_queue.setdefault(out.queue, []).append(out.entry_id)
-            for queue, ids in by_queue.items():
+            for queue, (_, ids) in plan.acks.items():
                 self._leases.release(queue, ids)
 
-    async def commit(self, outcomes: Sequence[Outcome]) -> None:
-        """Results, inbox pushes, acks and deletes: one atomic script."""
-        refused = await self._committer.commit(outcomes)
-        if refused:  # NOGROUP after Redis restarted empty: the results are written
-            log.warning("%d stream(s) refused the ack of %d results", refused, len(outcomes))
+    def plan(self, outcomes: Sequence[Outcome]) -> CommitPlan:
+        """What to write for ``outcomes``: each answer counted against its
+        entry, which is acked when this answers the last of its requests."""
+        plan = CommitPlan()
+        for out in outcomes:
+            complete = self._leases.answer(out.queue, out.entry_id, out.answered)
+            if out.singles is not None:
+                keep = [i for i, store in enumerate(out.store) if store or complete is None]
+                if keep:
+                    singles = out.singles()
+                    plan.stored += [(out.ids[i], singles[i]) for i in keep]
+                for inbox, element in out.pushes:
+                    if self._keys.is_inbox(inbox):
+                        plan.pushes.setdefault(inbox, []).append(element)
+            if complete is not None:
+                plan.ack(out.queue, out.entry_id, complete)
+        return plan
 
-    async def dead_letter(self, stream: Stream, letters: Sequence[DeadLetter]) -> None:
+    async def commit(self, plan: CommitPlan) -> None:
+        """Results, inbox pushes, acks and deletes: one atomic script."""
+        refused = await self._committer.commit(plan)
+        if refused:  # NOGROUP after Redis restarted empty: the results are written
+            log.warning("%d stream(s) refused the ack of %d entries", refused,
+                        sum(len(ids) for _, ids in plan.acks.values()))  # fmt: skip
+
+    async def dead_letter(
+        self, stream: Stream, letters: Sequence[DeadLetter], *, ack: bool = True
+    ) -> None:
         """Entries nobody can answer (unreadable, or deleted while pending) go
         to ``tq:dead:<model>``, acked and deleted in one transaction (the dead
-        stream shares the queue's slot)."""
+        stream shares the queue's slot). ``ack`` False: letters of single
+        members of a bundle, whose entry is acked with its other answers."""
         async with self._redis.pipeline(transaction=True) as pipe:
             for letter in letters:
                 pipe.xadd(self._keys.dead(stream.model), letter.fields())  # type: ignore[arg-type]
-                pipe.xack(stream.queue, CONSUMER_GROUP, letter.entry_id)
-                pipe.xdel(stream.queue, letter.entry_id)
+                if ack:
+                    pipe.xack(stream.queue, CONSUMER_GROUP, letter.entry_id)
+                    pipe.xdel(stream.queue, letter.entry_id)
+                    pipe.decrby(self._keys.queued(stream.queue), 1)
             await pipe.execute()
         log.warning(
             "dead-lettered %d entries of %s: %s", len(letters), stream.queue, letters[0].reason
         )
 
-    async def bury(self, stream: Stream, entry_id: bytes, reason: str) -> None:
-        """Dead-letter an entry delivered too often; answer its producer if we can."""
-        rows: Any = await self._redis.xrange(stream.queue, entry_id, entry_id)
-        raw: bytes = rows[0][1].get(REQUEST_FIELD.encode(), b"") if rows and rows[0][1] else b""
+    async def bury(self, stream: Stream, entry_id: bytes, raw: bytes, reason: str) -> None:
+        """Dead-letter an entry (``raw``: its request) delivered too often;
+        answer its producer if we can."""
         request_id, reply_to = peek_id_and_reply_to(raw)
         # The dead letter first, then the answer and the ack through the batch
         # commit (atomic on one node, grouped by slot on a cluster). A kill in
@@ -108,8 +132,10 @@ class Writer:
         # second dead letter, never a request left without its answer.
         letter = DeadLetter(raw, reason, entry_id)
         await self._redis.xadd(self._keys.dead(stream.model), letter.fields())  # type: ignore[arg-type]
-        answer = b""
+        out = Outcome.ack_only(stream.queue, entry_id, [request_id or ""])
         if request_id:
             answer = pack_result(Result.failure(request_id, "error", "poison", reason))
-        await self.commit([Outcome(stream.queue, entry_id, request_id or "", reply_to, answer)])
+            pushes = ((reply_to, answer),) if reply_to else ()
+            out = Outcome(stream.queue, entry_id, (request_id,), (True,), pushes, fixed([answer]))
+        await self.commit(self.plan([out]))
         log.warning("dead letter: entry %s of %s: %s", entry_id.decode(), stream.queue, reason)

@@ -4,10 +4,13 @@ the HTTP floor, measured in one run by the same client.
 The gateway (``tensorq gateway``, its own process) serves a local stack of
 Redis and workers; the floor is a bare aiohttp server on uvloop (its own
 process) that reads the same JSON body and answers a fixed OIP response,
-with no Redis and no model. One aiohttp client on uvloop drives each with
-``--concurrency`` requests in flight over keep-alive connections and
-reports requests/s and latency percentiles; the ratio gateway/floor is the
-figure of merit (target >= 0.6).
+with no Redis and no model. ``wrk`` (Debian package) drives each with
+``--concurrency`` connections for ``WRK_SECONDS`` after a warm-up, when it
+is installed: a Python load generator on a small machine eats the CPU it
+measures (about half the gateway's throughput on two cores). Without wrk,
+one aiohttp client on uvloop does, with ``--requests`` in all. It reports
+requests/s and latency percentiles; the ratio gateway/floor is the figure
+of merit (target >= 0.6).
 
 python -m producer.bench.http floor --port 0   runs the floor server alone.
 """
@@ -18,11 +21,14 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,8 +93,15 @@ def run_http_bench(args: argparse.Namespace, settings: Settings) -> int:
             # it yields the CPU to the servers, workers and Redis.
             os.nice(args.producer_nice)
             path = f"/v2/models/{model.name}/infer"
-            gateway = run(_drive(gateway_url + path, bodies, args.requests, args.concurrency))
-            floor = run(_drive(floor_url + path, bodies, args.requests, args.concurrency))
+            if shutil.which("wrk"):
+                print("  load generator: wrk, 1 thread", flush=True)
+                gateway = _drive_wrk(gateway_url + path, bodies[0], args.concurrency)
+                floor = _drive_wrk(floor_url + path, bodies[0], args.concurrency)
+            else:
+                print("  load generator: aiohttp (install wrk for figures the client does "
+                      "not eat into)", flush=True)  # fmt: skip
+                gateway = run(_drive(gateway_url + path, bodies, args.requests, args.concurrency))
+                floor = run(_drive(floor_url + path, bodies, args.requests, args.concurrency))
     ratio = gateway.per_s / floor.per_s
     print(
         f"  gateway (sync OIP infer)  {gateway.per_s:>8,.0f} req/s   p50 {gateway.p50_ms:.2f} ms"
@@ -178,6 +191,57 @@ async def _drive(url: str, bodies: list[bytes], requests: int, concurrency: int)
         p50_ms=float(np.percentile(latencies, 50)),
         p99_ms=float(np.percentile(latencies, 99)),
         errors=errors,
+        cpu_us=cpu,
+    )
+
+
+WRK_SECONDS = 10
+WRK_WARMUP_S = 2
+# wrk's report as one line: requests, errors of every kind, latency percentiles in us.
+WRK_SCRIPT = """
+local f = assert(io.open(os.getenv("TQ_WRK_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRKJSON {\\"requests\\": %d, \\"duration_us\\": %d, \\"errors\\": %d, "
+    .. "\\"p50_us\\": %d, \\"p99_us\\": %d}\\n", summary.requests, summary.duration,
+    e.status + e.connect + e.read + e.write + e.timeout, latency:percentile(50.0),
+    latency:percentile(99.0)))
+end
+"""
+
+
+def _drive_wrk(url: str, body: bytes, concurrency: int) -> HttpFigures:
+    """``wrk -t1 -c<concurrency>``: a warm-up, then WRK_SECONDS measured."""
+    with tempfile.TemporaryDirectory(prefix="tq-wrk-") as folder:
+        script, body_file = Path(folder) / "post.lua", Path(folder) / "body.json"
+        script.write_text(WRK_SCRIPT)
+        body_file.write_bytes(body)
+        env = {**os.environ, "TQ_WRK_BODY": str(body_file)}
+
+        def wrk(seconds: int) -> dict[str, Any]:
+            command = ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds}s", "--timeout", "5s",
+                       "-s", str(script), url]  # fmt: skip
+            out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+            for line in out.stdout.splitlines():
+                if line.startswith("WRKJSON "):
+                    parsed: dict[str, Any] = json.loads(line.removeprefix("WRKJSON "))
+                    return parsed
+            raise RuntimeError(f"wrk printed no summary: {out.stdout[-300:]} {out.stderr[-300:]}")
+
+        wrk(WRK_WARMUP_S)
+        cpu_before = cpu_by_role()
+        figures = wrk(WRK_SECONDS)
+        cpu = per_request_us(cpu_before, cpu_by_role(), max(1, figures["requests"]))
+    return HttpFigures(
+        requests=figures["requests"],
+        seconds=figures["duration_us"] / 1e6,
+        p50_ms=figures["p50_us"] / 1000,
+        p99_ms=figures["p99_us"] / 1000,
+        errors=figures["errors"],
         cpu_us=cpu,
     )
 

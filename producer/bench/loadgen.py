@@ -1,5 +1,6 @@
 """Load generation: closed loop (``run_load``: M concurrent producers, each
-submitting a request and waiting for its result, N requests in all) and open
+submitting a request and waiting for its result as ``infer`` does, N
+requests in all) and open
 loop (``run_rate``: requests sent at a fixed rate whatever the answers do),
 with random inputs fitting a model (``random_inputs``). Used by the demo and
 the benchmarks; reports items/s, latency percentiles and mean batch size."""
@@ -66,7 +67,8 @@ async def run_load(
             i = next_index
             next_index += 1
             t0 = time.perf_counter()
-            request_id = await client.submit(model, payloads[i], timeout=timeout)
+            # what infer() does (kept as submit + wait for the result's timings)
+            request_id = await client.submit(model, payloads[i], timeout=timeout, store=False)
             result = await client.wait(request_id, timeout)
             latencies.append((time.perf_counter() - t0) * 1000)
             batch_rows.append(result.batch_size)
@@ -145,7 +147,8 @@ async def run_rate(
         nonlocal errors
         t0 = time.perf_counter()
         try:
-            result = await client.wait(await client.submit(model, payload), timeout)
+            request_id = await client.submit(model, payload, store=False)  # as infer() does
+            result = await client.wait(request_id, timeout)
             outputs_of(result)
         except Exception:
             errors += 1

@@ -80,6 +80,9 @@ async def _measure(url: str, settings: Settings, args: argparse.Namespace) -> di
         cpu_before = cpu_by_role()
         throughput, mean_batch, compute = await _open_loop(client, args.model, payloads)
         cpu = per_request_us(cpu_before, cpu_by_role(), len(payloads) * args.rows)
+        cpu_before = cpu_by_role()
+        inbox_only, _, _ = await _open_loop(client, args.model, payloads, store=False)
+        cpu_inbox = per_request_us(cpu_before, cpu_by_role(), len(payloads) * args.rows)
         closed = await run_load(
             client,
             args.model,
@@ -97,6 +100,8 @@ async def _measure(url: str, settings: Settings, args: argparse.Namespace) -> di
         "model": args.model,
         "rows_per_request": args.rows,
         "items_per_s": throughput,
+        "inbox_only_items_per_s": inbox_only,
+        "cpu_us_per_item_inbox_only": cpu_inbox,
         "mean_batch_rows": mean_batch,
         "closed_loop_items_per_s": closed.items_per_s,
         "concurrency": args.concurrency,
@@ -112,9 +117,10 @@ async def _measure(url: str, settings: Settings, args: argparse.Namespace) -> di
 
 
 async def _open_loop(
-    client: AsyncClient, model: str, payloads: list[Any]
+    client: AsyncClient, model: str, payloads: list[Any], *, store: bool = True
 ) -> tuple[float, float, dict[str, float]]:
-    """Submit everything in pipelined chunks, then await every result.
+    """Submit everything in pipelined chunks, then await every result
+    (``store``: each result kept by id too, as ``submit`` does by default).
 
     Returns items/s, the mean batch rows and where the workers' time went:
     the mean forward time of a batch and the share of the run each worker's
@@ -124,7 +130,7 @@ async def _open_loop(
     ids: list[str] = []
     for i in range(0, len(payloads), CHUNK):
         chunk = payloads[i : i + CHUNK]
-        ids += await client.submit_many([Submission(model, p) for p in chunk])
+        ids += await client.submit_many([Submission(model, p, store=store) for p in chunk])
     results = [await client.wait(i, timeout=300) for i in ids]
     elapsed = time.perf_counter() - start
     rows = sum((r.outputs and next(iter(r.outputs.values())).shape[0]) or 0 for r in results)
@@ -140,14 +146,18 @@ async def _open_loop(
 def _report(f: dict[str, Any]) -> None:
     ratio_a = f["items_per_s"] / f["inprocess_items_per_s"]
     ratio_b = f["items_per_s"] / f["bare_items_per_s"]
+    ratio_inbox = f["inbox_only_items_per_s"] / f["bare_items_per_s"]
+    ratio_closed = f["closed_loop_items_per_s"] / f["bare_items_per_s"]
     per_slot = f["inprocess_items_per_s"] / f["worker_slots"]
     in_process_ms = 1000 * f["inprocess_batch"] / per_slot
     print(
         f"  tensorq throughput (open loop)   {f['items_per_s']:>10,.0f} items/s"
-        f"   mean batch {f['mean_batch_rows']:.1f} rows\n"
-        f"  tensorq latency ({f['concurrency']} producers)  "
-        f"{f['closed_loop_items_per_s']:>10,.0f} items/s   p50 {f['p50_ms']:.2f} ms"
-        f"   p99 {f['p99_ms']:.2f} ms\n"
+        f"   mean batch {f['mean_batch_rows']:.1f} rows   tensorq/bare = {ratio_b:.2f}\n"
+        f"    the same, results to the inbox only (store=False) "
+        f"{f['inbox_only_items_per_s']:,.0f} items/s   tensorq/bare = {ratio_inbox:.2f}\n"
+        f"  tensorq {f['concurrency']} producers awaiting infer() "
+        f"{f['closed_loop_items_per_s']:>8,.0f} items/s   p50 {f['p50_ms']:.2f} ms"
+        f"   p99 {f['p99_ms']:.2f} ms   tensorq/bare = {ratio_closed:.2f}\n"
         f"  idle single request              overhead over compute p50 "
         f"{f['idle_overhead_p50_ms']:.2f} ms, p99 {f['idle_overhead_p99_ms']:.2f} ms\n"
         f"  (a) model in-process, batch {f['inprocess_batch']:<4} "
@@ -156,8 +166,12 @@ def _report(f: dict[str, Any]) -> None:
         f"   tensorq/bare = {ratio_b:.2f}   ({f['payload_bytes']} B payloads)\n"
         f"  worker compute thread: forward {f['batch_infer_ms']:.2f} ms per batch "
         f"(in-process {in_process_ms:.2f} ms), busy {f['compute_busy']:.2f} of the run\n"
-        f"  CPU per item (open loop): {format_cpu(f['cpu_us_per_item'])}",
+        f"  CPU per item (open loop): {format_cpu(f['cpu_us_per_item'])}\n"
+        f"  CPU per item (open loop, inbox only): "
+        f"{format_cpu(f['cpu_us_per_item_inbox_only'])}",
         flush=True,
     )
     f["ratio_inprocess"] = ratio_a
     f["ratio_bare"] = ratio_b
+    f["ratio_bare_inbox_only"] = ratio_inbox
+    f["ratio_bare_infer_concurrent"] = ratio_closed

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+FITS_REMEMBERED = 4096  # input signatures whose check is remembered (see _check)
+
 
 class AsyncClient:
     """``async with AsyncClient(url) as c: out = await c.infer("mlp", {"x": x})``."""
@@ -103,6 +105,7 @@ class AsyncClient:
         self._redis: aioredis.Redis | None = None
         self._given_redis = redis
         self._specs: dict[str, ModelSpec] = {}
+        self._fits: dict[tuple[Any, ...], int] = {}  # see _check
         self._enqueuer = Enqueuer(
             self.keys, lambda: self.redis, self._call, self.client_id, settings.redis.result_ttl_s
         )
@@ -154,6 +157,7 @@ class AsyncClient:
                     log.warning("ignoring the unreadable spec of %r in %s: %r",
                                 name, self.keys.models, exc)  # fmt: skip
             self._specs = specs
+            self._fits.clear()  # keyed by spec identity: no stale entry may match
         return dict(self._specs)
 
     async def spec(self, model: str) -> ModelSpec:
@@ -173,9 +177,16 @@ class AsyncClient:
         request_id: str | None = None,
         timeout: float | None = None,
         priority: int = 0,
+        store: bool = True,
     ) -> str:
-        """Enqueue one request; ``timeout`` becomes its deadline. Returns its id."""
-        ids = await self.submit_many([Submission(model, inputs, request_id, timeout, priority)])
+        """Enqueue one request; ``timeout`` becomes its deadline. Returns its id.
+
+        ``store`` (default): its result is kept under ``tq:r:<id>`` for the
+        result TTL, where any client can read it by id (``result(id)`` from
+        elsewhere, the gateway's GET). False: only this client's inbox gets
+        it (what ``infer`` does): nothing per request stays in Redis."""
+        submission = Submission(model, inputs, request_id, timeout, priority, store)
+        ids = await self.submit_many([submission])
         return ids[0]
 
     async def submit_many(self, submissions: Sequence[Submission]) -> list[str]:
@@ -208,9 +219,9 @@ class AsyncClient:
         return ids
 
     async def _prepare(self, submission: Submission) -> Prepared:
-        """Check and pack one submission; what is wrong with it fails it alone,
+        """Check one submission; what is wrong with it fails it alone,
         before it joins other submitters' round trip."""
-        spec = await self.spec(submission.model)
+        spec = self._specs.get(submission.model) or await self.spec(submission.model)
         seq = None
         request_id = submission.request_id
         if request_id is None:
@@ -218,14 +229,28 @@ class AsyncClient:
             request_id = f"{self.client_id}-{seq}"
         arrays = wire_arrays(submission.inputs)
         try:
-            spec.check_inputs(arrays, request_id=request_id)
+            rows = self._check(spec, arrays, request_id)
         except InvalidInput:  # a hot reload may have changed the signature since we read it
             fresh = (await self.models(refresh=True)).get(submission.model)
             if fresh is None or fresh == spec:
                 raise
             spec = fresh
-            spec.check_inputs(arrays, request_id=request_id)
-        return prepare(submission, spec, request_id, arrays, self._inbox.key, seq)
+            rows = self._check(spec, arrays, request_id)
+        return prepare(submission, spec, request_id, arrays, rows, self._inbox.key, seq)
+
+    def _check(
+        self, spec: ModelSpec, arrays: dict[str, np.ndarray[Any, Any]], request_id: str
+    ) -> int:
+        """``spec.check_inputs``, remembered by the inputs' names, dtypes and
+        shapes (all it depends on): requests of one shape are checked once."""
+        signature = (id(spec), *((name, a.dtype, a.shape) for name, a in arrays.items()))
+        rows = self._fits.get(signature)
+        if rows is None:
+            rows = spec.check_inputs(arrays, request_id=request_id)
+            if len(self._fits) >= FITS_REMEMBERED:
+                self._fits.clear()
+            self._fits[signature] = rows
+        return rows
 
     # -- results --------------------------------------------------------------
 
@@ -239,8 +264,12 @@ class AsyncClient:
         future = self._inbox.waiters.get(request_id)
         if future is None:  # not ours: only our own requests are pushed to our inbox
             return await self._wait_stored(request_id, timeout)
+        if future.done():  # delivered already: no timer needed
+            del self._inbox.waiters[request_id]
+            return future.result()
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(future)  # a timeout leaves other waits on it be
         except TimeoutError:
             # an inbox push may have been lost: one last look, briefly
             stored = await get_stored(
@@ -299,7 +328,10 @@ class AsyncClient:
         timeout: float | None = DEFAULT_TIMEOUT_S,
         priority: int = 0,
     ) -> dict[str, np.ndarray[Any, Any]]:
-        request_id = await self.submit(model, inputs, timeout=timeout, priority=priority)
+        # Only this call waits for the answer: nothing is kept under tq:r:<id>.
+        request_id = await self.submit(
+            model, inputs, timeout=timeout, priority=priority, store=False
+        )
         return await self.result(request_id, timeout)
 
     async def cancel(self, request_id: str) -> None:

@@ -1,8 +1,17 @@
-"""Enqueueing: ``ENQUEUE``, the Lua script that XADDs requests to a stream
-while it is under the model's ``max_queue_len`` (one atomic call per stream,
-never trimming) and marks them as accepted, and ``Enqueuer``, the group
-commit that sends the submits of concurrent tasks together: M concurrent
-producers cost one script call per model per round trip.
+"""Enqueueing: ``ENQUEUE``, the Lua script that XADDs entries to a stream
+while it holds fewer than the model's ``max_queue_len`` requests (one atomic
+call per stream, never trimming) and marks them as accepted, and
+``Enqueuer``, the group commit that sends the submits of concurrent tasks
+together: M concurrent producers cost one script call per model per round
+trip, and their requests travel as bundles (common/bundle.py: up to the
+model's max_batch_size rows per stream entry), so a worker reads, checks
+and answers many of them as one.
+
+The queue limit counts requests, not entries: ``tq:qn:<model>`` counts what
+the stream holds (raised here, lowered by the workers' acks; the stream's
+length is a lower bound, and the count starts again when the stream is
+empty). A bundle that does not fit whole is refused with the number of its
+requests that would: those are sent again as an entry of their own.
 
 The accepted marks let anyone waiting by id tell a request in flight from an
 unknown id, at no extra round trip, for the result TTL: an id the client
@@ -22,49 +31,77 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from common.bundle import pack_bundle
+from common.envelope import pack_request
 from common.keys import REQUEST_FIELD, Keys
 from common.records import AcceptedMarker
 from common.scripts import LuaScript
 from producer.client.submission import Prepared
 
-# KEYS[1] the stream; on a single node also KEYS[2] = tq:sub:<client_id> and
-# KEYS[3..] = tq:acc:<id> of each payload whose id the caller chose, in order.
-# ARGV: [1] max_queue_len, [2] the stream field, [3] the marks' TTL, [4] the
-# tq:acc value, [5] the highest generated n among the payloads ('' for none),
-# [6] one flag per payload, '1' where the caller chose the id, [7..] payloads.
-# XADD each payload while the stream (queued + in flight: acked entries are
-# deleted) is below the limit; false for each refused one (the tail). The
-# high-water mark only grows (two clients might share a client_id); a tq:acc
-# key that exists (the gateway claims it first, with the outputs its answer
-# must show) keeps its value, its TTL renewed. Refused generated ids may look
-# known (a waiter polls them until its timeout); refused chosen ids do not.
+# KEYS[1] the stream, KEYS[2] its request count; on a single node also
+# KEYS[3] = tq:sub:<client_id> and KEYS[4..] = tq:acc:<id> of each request
+# whose id the caller chose, in order. ARGV: [1] max_queue_len, [2] the stream
+# field, [3] the marks' TTL, [4] the tq:acc value, [5] the highest generated n
+# ('' for none), [6] one flag per request, '1' where the caller chose the id,
+# [7] the entry count, then per entry: its requests, its payload.
+# XADD each entry while the stream has room for all its requests; for the
+# first that does not fit, the number that would (its caller sends those
+# again alone), false for each entry after it. The high-water mark only grows
+# (two clients might share a client_id); a tq:acc key that exists (the
+# gateway claims it first, with the outputs its answer must show) keeps its
+# value, its TTL renewed. Refused generated ids may look known (a waiter
+# polls them until its timeout); refused chosen ids do not.
 ENQUEUE = LuaScript("""
-local room = tonumber(ARGV[1]) - redis.call('XLEN', KEYS[1])
-local marked, ttl, flags = #KEYS > 1, ARGV[3], ARGV[6]
+local length = redis.call('XLEN', KEYS[1])
+local queued = tonumber(redis.call('GET', KEYS[2]) or '0')
+if length == 0 and queued ~= 0 then
+  queued = 0
+  redis.call('DEL', KEYS[2])
+end
+local room = tonumber(ARGV[1]) - math.max(queued, length)
+local marked, ttl, flags = #KEYS > 2, ARGV[3], ARGV[6]
 if marked and ARGV[5] ~= '' then
-  if tonumber(ARGV[5]) > tonumber(redis.call('GET', KEYS[2]) or '-1') then
-    redis.call('SET', KEYS[2], ARGV[5], 'EX', ttl)
+  if tonumber(ARGV[5]) > tonumber(redis.call('GET', KEYS[3]) or '-1') then
+    redis.call('SET', KEYS[3], ARGV[5], 'EX', ttl)
   else
-    redis.call('EXPIRE', KEYS[2], ttl)
+    redis.call('EXPIRE', KEYS[3], ttl)
   end
 end
-local ids, key = {}, 2
-for i = 7, #ARGV do
-  local n = i - 6
-  if n > room then
-    ids[n] = false
+local replies, key, member, added, closed, a = {}, 3, 0, 0, false, 8
+for i = 1, tonumber(ARGV[7]) do
+  local count = tonumber(ARGV[a])
+  if closed or count > room then
+    if closed then replies[i] = false else replies[i] = math.max(room, 0) end
+    closed = true
+    if marked then
+      for m = member + 1, member + count do
+        if string.byte(flags, m) == 49 then key = key + 1 end
+      end
+    end
   else
-    ids[n] = redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[i])
-    if marked and string.byte(flags, n) == 49 then
-      key = key + 1
-      if not redis.call('SET', KEYS[key], ARGV[4], 'EX', ttl, 'NX') then
-        redis.call('EXPIRE', KEYS[key], ttl)
+    replies[i] = redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[a + 1])
+    room = room - count
+    added = added + count
+    if marked then
+      for m = member + 1, member + count do
+        if string.byte(flags, m) == 49 then
+          key = key + 1
+          if not redis.call('SET', KEYS[key], ARGV[4], 'EX', ttl, 'NX') then
+            redis.call('EXPIRE', KEYS[key], ttl)
+          end
+        end
       end
     end
   end
+  member = member + count
+  a = a + 2
 end
-return ids
+if added > 0 then redis.call('INCRBY', KEYS[2], added) end
+return replies
 """)
+
+# The most bytes of input one bundle carries (a worker decodes an entry at once).
+BUNDLE_BYTES = 4 * 1024 * 1024
 
 Call = Callable[[Awaitable[Any]], Awaitable[Any]]
 
@@ -131,10 +168,10 @@ class Enqueuer:
         for index, p in enumerate(prepared):
             queue = self.keys.queue(p.request.model, p.request.priority)
             groups.setdefault(queue, []).append(index)
-        calls = [
-            self._call_of(queue, [prepared[i] for i in indices])
-            for queue, indices in groups.items()
-        ]
+        bundles = {
+            queue: bundled([prepared[i] for i in indices]) for queue, indices in groups.items()
+        }
+        calls = [self._call_of(queue, entries) for queue, entries in bundles.items()]
         redis = self._redis()
         if not self._loaded:
             await self._call(ENQUEUE.load(redis))
@@ -152,14 +189,26 @@ class Enqueuer:
                 await self._call(ENQUEUE.load(redis))
                 replies = await self._pipelined(redis, calls)
         entry_ids: list[Any] = [None] * len(prepared)
-        for indices, reply in zip(groups.values(), replies, strict=True):
-            for index, entry_id in zip(indices, reply, strict=True):
+        again: list[int] = []  # indices of requests to send once more, in a smaller entry
+        for indices, entries, reply in zip(groups.values(), bundles.values(), replies, strict=True):
+            position = iter(indices)
+            for entry, answer in zip(entries, reply, strict=True):
+                members = [next(position) for _ in entry]
+                if isinstance(answer, bytes):
+                    for index in members:
+                        entry_ids[index] = answer
+                elif isinstance(answer, int) and 0 < answer < len(entry):
+                    again += members[:answer]
+        if again:
+            for index, entry_id in zip(again, await self._send([prepared[i] for i in again]),
+                                       strict=True):  # fmt: skip
                 entry_ids[index] = entry_id
         return entry_ids
 
-    def _call_of(self, queue: str, group: list[Prepared]) -> tuple[list[str], list[Any]]:
+    def _call_of(self, queue: str, entries: list[list[Prepared]]) -> tuple[list[str], list[Any]]:
         """The keys and arguments of one stream's ENQUEUE call."""
-        keys = [queue]
+        keys = [queue, self.keys.queued(queue)]
+        group = [p for entry in entries for p in entry]
         ttl, marker, high, flags = self._marker_ttl, "", "", ""
         if ttl:
             model = group[0].request.model
@@ -172,8 +221,10 @@ class Enqueuer:
             if len(seqs) < len(group):
                 keys += [self.keys.accepted(p.request.id) for p in group if p.seq is None]
                 flags = "".join("0" if p.seq is not None else "1" for p in group)
-        return keys, [group[0].limit, REQUEST_FIELD, ttl, marker, high, flags,
-                      *(p.payload for p in group)]  # fmt: skip
+        args: list[Any] = [group[0].limit, REQUEST_FIELD, ttl, marker, high, flags, len(entries)]
+        for entry in entries:
+            args += [len(entry), packed(entry)]
+        return keys, args
 
     async def _pipelined(
         self, redis: aioredis.Redis, calls: list[tuple[list[str], list[Any]]]
@@ -183,3 +234,27 @@ class Enqueuer:
                 ENQUEUE.queue(pipe, keys, args)
             replies: list[Any] = await self._call(pipe.execute())
         return replies
+
+
+def bundled(group: Sequence[Prepared]) -> list[list[Prepared]]:
+    """One stream's requests in entries of up to max_batch_size rows and
+    BUNDLE_BYTES of input each, in order."""
+    entries: list[list[Prepared]] = []
+    rows = size = 0
+    for p in group:
+        nbytes = sum(a.nbytes for a in p.request.inputs.values())
+        if entries and rows + p.rows <= p.bundle_rows and size + nbytes <= BUNDLE_BYTES:
+            entries[-1].append(p)
+            rows += p.rows
+            size += nbytes
+        else:
+            entries.append([p])
+            rows, size = p.rows, nbytes
+    return entries
+
+
+def packed(entry: Sequence[Prepared]) -> bytes:
+    """The stream payload of an entry: a single request, or a bundle."""
+    if len(entry) == 1:
+        return pack_request(entry[0].request)
+    return pack_bundle([p.request for p in entry])

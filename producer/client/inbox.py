@@ -1,5 +1,6 @@
 """The client's inbox: every request names it in ``reply_to``, workers push
-each finished result onto it, and one reader task pops them in bulk (BLMPOP)
+finished results onto it (one element per result, or a result bundle for
+many requests answered by one batch), and one reader task pops them in bulk (BLMPOP)
 and resolves the futures of the waiting calls, so thousands of waiting
 requests need one connection and no polling.
 
@@ -23,8 +24,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from common.backoff import Backoff
+from common.bundle import unpack_results
 from common.codec import CodecLimits
-from common.envelope import Result, unpack_result
+from common.envelope import Result
 from common.errors import DuplicateRequest, TensorQError
 from common.keys import Keys
 from common.redis_conn import blocking_client
@@ -83,18 +85,23 @@ class Inbox:
         return [i for i, f in self.waiters.items() if not f.done()]
 
     def deliver(self, blobs: Sequence[bytes]) -> None:
+        """Resolve the waiters of popped elements: each one result, or a
+        result bundle holding many (a batch's answers for this inbox)."""
+        now = time.monotonic()
+        waiters = self.waiters
         for blob in blobs:
             if blob == WAKE:
                 continue
             try:
-                result = unpack_result(blob, self.limits)
+                results = unpack_results(blob, self.limits)
             except TensorQError as exc:
                 log.warning("dropping unreadable inbox entry: %s", exc)
                 continue
-            future = self.waiters.get(result.id)
-            if future is not None and not future.done():
-                future.set_result(result)
-                self.unclaimed.append((time.monotonic(), result.id))
+            for result in results:
+                future = waiters.get(result.id)
+                if future is not None and not future.done():
+                    future.set_result(result)
+                    self.unclaimed.append((now, result.id))
         self.forget_unclaimed(UNCLAIMED_S)
 
     def forget_unclaimed(self, older_than_s: float) -> None:

@@ -1,8 +1,9 @@
 """What a request is made of before it is enqueued: ``Submission`` (one
-request for ``submit_many``), and the checks and packing that turn it into a
-``Prepared`` stream payload (inputs as wire arrays, the timeout as a
-deadline, the msgpack request). Whatever is wrong with one submission fails
-it alone, before it joins other submitters' round trip."""
+request for ``submit_many``), and the checks that turn it into a
+``Prepared`` request (inputs as wire arrays, the timeout as a deadline)
+that the enqueuer packs, alone or in a bundle with others. Whatever is
+wrong with one submission fails it alone, before it joins other
+submitters' round trip."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ from typing import Any
 import numpy as np
 
 from common.codec import as_wire_array
-from common.envelope import Request, pack_request
+from common.envelope import Request
 from common.errors import InvalidInput
 from common.ids import check_request_id
 from common.spec import ModelSpec
 
 # Longest timeout a request may carry: its deadline must stay a sane int64 of ms.
 MAX_TIMEOUT_S = 10 * 365 * 24 * 3600.0
+
+INT64 = (-(2**63), 2**63 - 1)  # what a msgpack int may carry
 
 # A model's queue limit when its published metadata names none.
 DEFAULT_MAX_QUEUE_LEN = 100_000
@@ -36,6 +39,7 @@ class Submission:
     request_id: str | None = None
     timeout: float | None = None
     priority: int = 0
+    store: bool = True  # keep the result under tq:r:<id>, where any client can read it by id
 
     def __post_init__(self) -> None:
         if self.request_id is not None:
@@ -50,13 +54,14 @@ class Submission:
 
 @dataclass(frozen=True)
 class Prepared:
-    """A checked request, packed for its stream, and that stream's length
-    limit; ``seq`` is the counter of an id the client generated (None: the
-    caller chose the id)."""
+    """A checked request, its stream's length limit and the rows a bundle of
+    it may hold (the model's max_batch_size); ``seq`` is the counter of an id
+    the client generated (None: the caller chose the id)."""
 
     request: Request
     limit: int
-    payload: bytes
+    bundle_rows: int
+    rows: int
     seq: int | None = None
 
 
@@ -82,15 +87,18 @@ def prepare(
     spec: ModelSpec,
     request_id: str,
     arrays: dict[str, np.ndarray[Any, Any]],
+    rows: int,
     reply_to: str,
     seq: int | None = None,
 ) -> Prepared:
-    """Pack a submission whose inputs ``spec`` has accepted."""
+    """A submission whose inputs ``spec`` has accepted (``rows`` of them)."""
     deadline = deadline_ms(submission.timeout, request_id)
-    request = Request(request_id, submission.model, arrays, deadline, reply_to, submission.priority)
-    try:
-        payload = pack_request(request)
-    except (OverflowError, ValueError, TypeError) as exc:  # e.g. a priority past int64
-        raise InvalidInput(f"request cannot be encoded: {exc}", request_id=request_id) from None
+    priority = submission.priority
+    if not (isinstance(priority, int) and INT64[0] <= priority <= INT64[1]):
+        raise InvalidInput(
+            f"priority must be an int64, got {priority!r:.40}", request_id=request_id
+        )
+    request = Request(request_id, submission.model, arrays, deadline, reply_to, priority,
+                      bool(submission.store))  # fmt: skip
     limit = int(spec.extra.get("max_queue_len", DEFAULT_MAX_QUEUE_LEN))
-    return Prepared(request, limit, payload, seq)
+    return Prepared(request, limit, spec.max_batch_size, rows, seq)

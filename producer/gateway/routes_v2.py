@@ -93,7 +93,9 @@ async def infer(request: web.Request) -> web.Response:
             raise HTTPProblem(409, f"request id {given!r} is already in flight")
         gw.sync_ids.add(given)
     try:
-        request_id = await gw.submit(spec, parsed.inputs, request_id=given, timeout=timeout)
+        request_id = await gw.submit(
+            spec, parsed.inputs, request_id=given, timeout=timeout, store=False
+        )
         result = await gw.client.wait(request_id, timeout)
     finally:
         if given is not None:

@@ -68,14 +68,22 @@ class Gateway:
         request_id: str | None,
         timeout: float | None,
         priority: int = 0,
+        store: bool = True,
     ) -> str:
+        """Enqueue through the shared client; ``store`` False for requests only
+        this gateway waits for (sync infer): their results are not kept by id."""
         if takes_bf16(spec):  # converted for the client below: check the wire arrays first
             spec.check_inputs(arrays, request_id=request_id)
             inputs = await client_inputs(arrays, spec)
         else:
             inputs = arrays
         return await self.client.submit(
-            spec.name, inputs, request_id=request_id, timeout=timeout, priority=priority
+            spec.name,
+            inputs,
+            request_id=request_id,
+            timeout=timeout,
+            priority=priority,
+            store=store,
         )
 
     async def accept(

@@ -320,7 +320,9 @@ class _Engine:
         for chunk in batch:
             chunk.request_id = f"{self.client.client_id}-{chunk.start}-{chunk.attempt}"
         submissions = [
-            Submission(model, self.bound.chunk(c.start, c.stop), request_id=c.request_id)
+            Submission(
+                model, self.bound.chunk(c.start, c.stop), request_id=c.request_id, store=False
+            )
             for c in batch
         ]
         refused: set[str] = set()

@@ -22,13 +22,13 @@ import pytest
 import redis.asyncio as aioredis
 import torch
 
-from common.envelope import Result, pack_result, unpack_request
+from common.envelope import Result, pack_result
 from common.errors import DuplicateRequest, QueueFull, UnknownRequest
 from common.keys import Keys
 from common.records import AcceptedMarker
 from common.spec import ModelSpec, TensorSpec
 from producer import AsyncClient, Submission
-from tests.conftest import ROOT, PoolHandle, write_config
+from tests.conftest import ROOT, PoolHandle, entry_requests, write_config
 
 KEYS = Keys()
 X = np.arange(4, dtype=np.float32).reshape(1, 4)
@@ -63,21 +63,29 @@ async def idle_model(redis: aioredis.Redis, name: str, max_queue_len: int = 100)
     await redis.hset(KEYS.models, name, spec.to_json())
 
 
-async def answer(redis: aioredis.Redis, model: str) -> str:
-    """Answer the oldest queued request of an idle model as a worker would
-    (y = 2x to tq:r:<id> and its inbox; the entry deleted); its id."""
+async def answer(redis: aioredis.Redis, model: str) -> list[str]:
+    """Answer the oldest queued entry of an idle model as a worker would
+    (y = 2x to tq:r:<id> and its inbox, for each of its requests; the entry
+    deleted); their ids."""
     entries = await redis.xrange(KEYS.queue(model), count=1)
     assert entries, f"nothing queued for {model!r}"
     entry_id, fields = entries[0]
-    request = unpack_request(fields[b"req"])
-    payload = pack_result(Result(request.id, "ok", {"y": request.inputs["x"] * 2}))
+    requests = entry_requests(fields[b"req"])
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.set(KEYS.result(request.id), payload, ex=3600)
-        if request.reply_to:
-            pipe.lpush(request.reply_to, payload)
+        for request in requests:
+            payload = pack_result(Result(request.id, "ok", {"y": request.inputs["x"] * 2}))
+            pipe.set(KEYS.result(request.id), payload, ex=3600)
+            if request.reply_to:
+                pipe.lpush(request.reply_to, payload)
         pipe.xdel(KEYS.queue(model), entry_id)
         await pipe.execute()
-    return request.id
+    return [r.id for r in requests]
+
+
+async def queued(redis: aioredis.Redis, model: str) -> list[str]:
+    """The ids of an idle model's queued requests, bundles' members included."""
+    entries = await redis.xrange(KEYS.queue(model))
+    return [r.id for _, fields in entries for r in entry_requests(fields[b"req"])]
 
 
 # -- item 4: ids in flight -----------------------------------------------------------------
@@ -129,7 +137,7 @@ async def test_a_duplicate_enqueues_nothing(aredis: aioredis.Redis, redis_url: s
                 [Submission("idle", {"x": X}, "fresh"), Submission("idle", {"x": X}, "dupe")]
             )
         assert await aredis.xlen(queue) == 1
-        assert await answer(aredis, "idle") == "dupe"
+        assert await answer(aredis, "idle") == ["dupe"]
         result = await client.wait("dupe", timeout=120)  # the first one's answer
         np.testing.assert_array_equal(result.outputs["y"], X * 2)
         await client.submit("idle", {"x": X + 1}, request_id="dupe")  # answered: free again
@@ -197,14 +205,15 @@ async def test_the_enqueue_script_marks_accepted_requests_only(
             await a.submit("idle", {"x": X}, request_id="refused-1")
         assert refused.value.request_id == "refused-1"
         assert not await aredis.exists(KEYS.accepted("refused-1"))
-        assert await aredis.xlen(KEYS.queue("idle")) == 3
+        assert await queued(aredis, "idle") == [*generated, chosen]  # in 2 entries: a bundle
+        assert await aredis.xlen(KEYS.queue("idle")) == 2
         # a timeout past the test's own: only an answer at once passes
         for unknown in ("refused-1", f"{a.client_id}-2", f"{a.client_id}-99", "x-0"):
             with pytest.raises(UnknownRequest):
                 await b.wait(unknown, timeout=600)
         # pending: b waits for a's requests, generated and chosen alike
         waiting = [asyncio.create_task(b.wait(i, timeout=120)) for i in (*generated, chosen)]
-        for _ in waiting:
+        while await aredis.xlen(KEYS.queue("idle")):
             await answer(aredis, "idle")
         results = [await task for task in waiting]
     assert [r.id for r in results] == [*generated, chosen]
@@ -222,7 +231,9 @@ async def test_marks_of_one_call_mixing_chosen_and_generated_ids(
         with pytest.raises(QueueFull) as refused:  # room for 3: the last is refused
             await client.submit_many(batch)
         assert refused.value.refused == ["mix-b"]
-    assert await aredis.xlen(KEYS.queue("idle")) == 3
+    # one bundle of 4 did not fit: its first 3 were sent again as their own entry
+    assert await queued(aredis, "idle") == [f"{client.client_id}-0", "mix-a",
+                                             f"{client.client_id}-1"]  # fmt: skip
     assert await aredis.exists(KEYS.accepted("mix-a")) and not await aredis.exists(
         KEYS.accepted("mix-b"), KEYS.accepted(f"{client.client_id}-0")
     )

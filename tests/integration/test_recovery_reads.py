@@ -83,5 +83,5 @@ async def test_own_pending_entries_are_read_one_at_a_time(
         stop.set()
         await task
         await connection.aclose()
-    assert [a.request.id for a in backlog.added] == ["r0", "r1", "r2"]
+    assert [a.ids for a in backlog.added] == [("r0",), ("r1",), ("r2",)]
     assert all(a.redelivered for a in backlog.added)

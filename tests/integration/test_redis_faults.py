@@ -12,7 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -25,7 +25,14 @@ from common.keys import CONSUMER_GROUP, Keys
 from common.redis_conn import pooled_client
 from common.settings import load_settings
 from producer import AsyncClient, Client, Submission
-from tests.conftest import ROOT, PoolHandle, async_wait_until, wait_until, write_config
+from tests.conftest import (
+    ROOT,
+    PoolHandle,
+    async_wait_until,
+    entry_requests,
+    wait_until,
+    write_config,
+)
 
 if TYPE_CHECKING:
     from worker.batching import Assembled
@@ -288,7 +295,10 @@ async def test_a_failed_batch_loop_drains_and_a_restart_answers_everything(
         broken, broken_parts = worker.service(executor=FailingExecutor("cpu"))
         await asyncio.wait_for(broken.run(broken_parts), 30)  # stops by itself
         assert isinstance(broken.failure, MemoryError)
-        assert sync_redis.xpending(KEYS.queue("mlp"), CONSUMER_GROUP)["pending"] == 20
+        pending: Any = sync_redis.xpending_range(KEYS.queue("mlp"), CONSUMER_GROUP, "-", "+", 100)
+        held = [sync_redis.xrange(KEYS.queue("mlp"), p["message_id"], p["message_id"])
+                for p in pending]  # fmt: skip
+        assert sorted(r.id for [(_, f)] in held for r in entry_requests(f[b"req"])) == sorted(ids)
         restarted, parts = worker.service()
         task = asyncio.create_task(restarted.run(parts))
         results = [await client.wait(i, timeout=30) for i in ids]
@@ -302,9 +312,9 @@ async def test_a_failed_batch_loop_drains_and_a_restart_answers_everything(
 async def test_a_commit_of_ten_thousand_results_acks_them_all(
     redis_url: str, sync_redis: redis.Redis
 ) -> None:
-    """Past Lua's unpack limit (about 8,000 values) the acks go in chunks."""
-    from worker.commit import Committer
-    from worker.work import Outcome
+    """Past Lua's unpack limit (about 8,000 values) the acks and the inbox
+    elements go in chunks."""
+    from worker.commit import CommitPlan, Committer
 
     queue = KEYS.queue("mlp")
     sync_redis.xgroup_create(queue, CONSUMER_GROUP, id="0", mkstream=True)
@@ -314,12 +324,17 @@ async def test_a_commit_of_ten_thousand_results_acks_them_all(
     entries = pipe.execute()
     sync_redis.xreadgroup(CONSUMER_GROUP, "w", {queue: ">"}, count=10_000)
     connection = pooled_client(load_settings(env={}, overrides={"redis.url": redis_url}).redis)
-    outcomes = [Outcome(queue, e, f"big-{i}", None, b"x") for i, e in enumerate(entries)]
-    assert await Committer(connection, KEYS, 60).commit(outcomes) == 0
+    plan = CommitPlan(
+        stored=[(f"big-{i}", b"x") for i in range(10_000)],
+        pushes={KEYS.inbox("big"): [b"x"] * 10_000},
+        acks={queue: (10_000, entries)},
+    )
+    assert await Committer(connection, KEYS, 60).commit(plan) == 0
     await connection.aclose()
     assert sync_redis.xpending(queue, CONSUMER_GROUP)["pending"] == 0
     assert sync_redis.xlen(queue) == 0
     assert sync_redis.exists(KEYS.result("big-9999"))
+    assert sync_redis.llen(KEYS.inbox("big")) == 10_000
 
 
 async def test_waits_end_on_time_while_redis_is_stalled(tmp_path: Path, models_dir: Path) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.bundle import unpack_results
 from common.codec import encode_tensor
 from common.envelope import Request, Result, unpack_result
 from common.keys import HIGH, NORMAL, Keys
@@ -63,11 +64,18 @@ class RecordingWriter:
     async def put(self, outcomes: Sequence[Outcome]) -> None:
         self.outcomes.extend(outcomes)
 
-    async def dead_letter(self, stream: Stream, letters: Sequence[DeadLetter]) -> None:
+    async def dead_letter(
+        self, stream: Stream, letters: Sequence[DeadLetter], *, ack: bool = True
+    ) -> None:
         self.dead.extend(letters)
 
     def results(self) -> list[Result]:
-        return [unpack_result(o.payload) for o in self.outcomes if o.payload]
+        """Each answered request's own result, in order (not the ack-only ones)."""
+        return [unpack_result(p) for o in self.outcomes if o.singles for p in o.singles()]
+
+    def pushed(self) -> list[Result]:
+        """What the inboxes would receive, result bundles split."""
+        return [r for o in self.outcomes for _, p in o.pushes for r in unpack_results(p)]
 
 
 class Calls:
@@ -88,7 +96,7 @@ def accepted(stream: Stream, request_id: str, value: float = 1.0, **kwargs: Any)
     deliveries = kwargs.pop("deliveries", 1)
     request = Request(request_id, "m", {"x": np.full((1, 3), value, np.float32)}, **kwargs)
     entry_id = f"{int(time.time() * 1000)}-{abs(hash(request_id)) % 1000}".encode()
-    return Accepted(stream, entry_id, request, 1, deliveries)
+    return Accepted.single(stream, entry_id, request, 1, deliveries)
 
 
 def scheduler_for(
@@ -179,7 +187,7 @@ async def test_a_raising_batch_is_bisected_to_the_culprit() -> None:
 
 def accepted_array(stream: Stream, request_id: str, x: np.ndarray[Any, Any]) -> Accepted:
     entry_id = f"{int(time.time() * 1000)}-{abs(hash(request_id)) % 1000}".encode()
-    return Accepted(stream, entry_id, Request(request_id, "m", {"x": x}), x.shape[0])
+    return Accepted.single(stream, entry_id, Request(request_id, "m", {"x": x}), x.shape[0])
 
 
 class Shapes:
@@ -358,7 +366,7 @@ async def test_the_reader_answers_or_buries_each_hostile_entry(
         assert writer.dead[0].reason
         assert not writer.outcomes and not scheduler.added
     elif expected == "accepted":
-        assert [a.request.id for a in scheduler.added] == ["bad"]
+        assert [a.ids for a in scheduler.added] == [("bad",)]
         assert not writer.outcomes and not writer.dead
         assert leases.holds(NORMAL_STREAM.queue, entry_id)
     else:
@@ -366,7 +374,7 @@ async def test_the_reader_answers_or_buries_each_hostile_entry(
         assert (result.id, result.status, result.error_code) == ("bad", "error", expected)
         assert result.error_message
         if "reply_to" not in result.error_message:
-            assert writer.outcomes[0].reply_to == INBOX  # the producer is told
+            assert [i for i, _ in writer.outcomes[0].pushes] == [INBOX]  # the producer is told
         assert not scheduler.added and not writer.dead
         assert leases.holds(NORMAL_STREAM.queue, entry_id)  # until the writer releases it
 
@@ -390,4 +398,4 @@ async def test_the_reader_refuses_a_request_over_max_batch_bytes() -> None:
         "inputs take 12 bytes, over model 'm' max_batch_bytes 8 (the most one forward's "
         "inputs may take): send fewer rows or shorter inputs"
     )
-    assert writer.outcomes[0].reply_to == INBOX and not scheduler.added
+    assert [i for i, _ in writer.outcomes[0].pushes] == [INBOX] and not scheduler.added
