@@ -67,6 +67,7 @@ async def _serve(slot: DeviceSlot, settings: Settings, name: str, ready: Any) ->
 
     import torch
 
+    from common.aio import settle_gc
     from common.redis_conn import check_reachable, pooled_client
     from worker.executor import Executor
     from worker.faults import CrashOnRequest
@@ -94,6 +95,7 @@ async def _serve(slot: DeviceSlot, settings: Settings, name: str, ready: Any) ->
         )  # fmt: skip
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, service.request_stop)
         log.info("serving %s on %s", [m.name for m in models], slot.label)
+        settle_gc()  # the loaded models and parts are never scanned again
         if ready is not None:
             ready.set()
         await service.run(parts)

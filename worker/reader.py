@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,8 +105,17 @@ class StreamReader:
         self._leases = leases
         self._feed = feed
         self._stats = stats
+        self._entry_rows = 1.0  # rows per entry lately (bundles hold many)
         self._recovering = True  # own pending entries to re-read first
         self._recover_after = "-"  # XPENDING cursor while recovering
+
+    def _read_count(self) -> int:
+        """Entries to read: what fills the backlog's room at the rows per
+        entry seen lately, so bundles are not read far ahead of the device
+        (other workers may take what this one would only hold)."""
+        max_rows = self._served[self.stream.model].spec.max_batch_size
+        room = self._scheduler.room(self.stream)
+        return max(1, min(max_rows, math.ceil(room / self._entry_rows)))
 
     def recover(self) -> None:
         """Re-read own pending entries before new ones (upkeep reclaimed some)."""
@@ -131,9 +141,9 @@ class StreamReader:
                             # reach max_deliveries and be buried with it.
                             await self._leases.wait_released(self.stream.queue, entry[0], stop)
                         continue
-                    max_rows = self._served[self.stream.model].spec.max_batch_size
+                    count = self._read_count()
                     reply: Any = await conn.xreadgroup(
-                        CONSUMER_GROUP, self._consumer, {queue: ">"}, count=max_rows, block=block_ms
+                        CONSUMER_GROUP, self._consumer, {queue: ">"}, count=count, block=block_ms
                     )
                 except ResponseError as exc:
                     if "NOGROUP" not in str(exc):
@@ -148,9 +158,10 @@ class StreamReader:
                     continue
                 backoff.reset()
                 entries = reply[0][1] if reply else []
-                self._scheduler.note_more_waiting(self.stream, len(entries) >= max_rows)
+                self._scheduler.note_more_waiting(self.stream, len(entries) >= count)
                 if entries:
-                    await self.accept(entries, 1)
+                    rows = await self.accept(entries, 1)
+                    self._entry_rows = max(1.0, (self._entry_rows + rows / len(entries)) / 2)
         finally:
             await conn.aclose()
 
@@ -200,10 +211,11 @@ class StreamReader:
 
     async def accept(
         self, entries: Sequence[Entry], deliveries: int, *, bury_first: bool = False
-    ) -> None:
+    ) -> int:
         """Decode and validate delivered entries; answer what is invalid at
         once and dead-letter what cannot be answered. ``bury_first``: the
-        entry is a bundle past max_deliveries (see the module docstring)."""
+        entry is a bundle past max_deliveries (see the module docstring).
+        Returns the rows handed to the scheduler."""
         good: list[Accepted] = []
         rejected: list[Outcome] = []
         dead: list[DeadLetter] = []  # whole entries
@@ -250,6 +262,7 @@ class StreamReader:
             good = good[1:]
         if good:
             self._scheduler.add(self.stream, good)
+        return sum(p.rows for p in good)
 
     def _decode(self, raw: bytes | None) -> Request | BundleRequest:
         if raw is None:

@@ -98,11 +98,16 @@ class Scheduler:
     def note_more_waiting(self, stream: Stream, more: bool) -> None:
         self._backlogs[stream.queue].more_waiting = more
 
+    def room(self, stream: Stream) -> int:
+        """Rows the stream's backlog may still take before its reader pauses."""
+        backlog = self._backlogs[stream.queue]
+        return READ_AHEAD_BATCHES * self._max_rows(backlog) - backlog.rows
+
     async def wait_for_room(self, stream: Stream, stop: asyncio.Event) -> bool:
         """True if the stream's backlog has room for another read; else wait
         until it changes (or ``stop``) and return False."""
         backlog = self._backlogs[stream.queue]
-        if backlog.rows < READ_AHEAD_BATCHES * self._max_rows(backlog):
+        if self.room(stream) > 0:
             return True
         backlog.changed.clear()
         await wait_any(backlog.changed, stop)

@@ -196,7 +196,16 @@ class AsyncClient:
         QueueFull names the first refused id and lists the rest in
         ``.refused`` (the others are queued and can be waited for).
         """
-        prepared = [await self._prepare(s) for s in submissions]
+        prepared = []
+        for submission in submissions:  # no await per request while its model's spec is known
+            spec = self._specs.get(submission.model) or await self.spec(submission.model)
+            try:
+                prepared.append(self._prepare(submission, spec))
+            except InvalidInput:  # a hot reload may have changed the signature since we read it
+                fresh = (await self.models(refresh=True)).get(submission.model)
+                if fresh is None or fresh == spec:
+                    raise
+                prepared.append(self._prepare(submission, fresh))
         ids = [p.request.id for p in prepared]
         self._inbox.expect(ids)  # DuplicateRequest if one is in flight here: nothing enqueued
         self._reader.start()  # results of our own requests arrive in our inbox
@@ -218,24 +227,16 @@ class AsyncClient:
             raise error
         return ids
 
-    async def _prepare(self, submission: Submission) -> Prepared:
-        """Check one submission; what is wrong with it fails it alone,
-        before it joins other submitters' round trip."""
-        spec = self._specs.get(submission.model) or await self.spec(submission.model)
+    def _prepare(self, submission: Submission, spec: ModelSpec) -> Prepared:
+        """Check one submission against ``spec``; what is wrong with it fails
+        it alone, before it joins other submitters' round trip."""
         seq = None
         request_id = submission.request_id
         if request_id is None:
             seq = next(self._ids)
             request_id = f"{self.client_id}-{seq}"
         arrays = wire_arrays(submission.inputs)
-        try:
-            rows = self._check(spec, arrays, request_id)
-        except InvalidInput:  # a hot reload may have changed the signature since we read it
-            fresh = (await self.models(refresh=True)).get(submission.model)
-            if fresh is None or fresh == spec:
-                raise
-            spec = fresh
-            rows = self._check(spec, arrays, request_id)
+        rows = self._check(spec, arrays, request_id)
         return prepare(submission, spec, request_id, arrays, rows, self._inbox.key, seq)
 
     def _check(

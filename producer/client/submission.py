@@ -92,9 +92,10 @@ def prepare(
     seq: int | None = None,
 ) -> Prepared:
     """A submission whose inputs ``spec`` has accepted (``rows`` of them)."""
-    deadline = deadline_ms(submission.timeout, request_id)
+    timeout = submission.timeout
+    deadline = None if timeout is None else deadline_ms(timeout, request_id)
     priority = submission.priority
-    if not (isinstance(priority, int) and INT64[0] <= priority <= INT64[1]):
+    if type(priority) is not int or not INT64[0] <= priority <= INT64[1]:
         raise InvalidInput(
             f"priority must be an int64, got {priority!r:.40}", request_id=request_id
         )

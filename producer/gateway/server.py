@@ -57,6 +57,7 @@ async def start(settings: Settings) -> RunningGateway:
 
 async def serve(settings: Settings) -> int:
     running = await start(settings)
+    aio.settle_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -39,6 +39,9 @@ class Backlog:
     async def wait_for_room(self, stream: Stream, stop: asyncio.Event) -> bool:
         return True
 
+    def room(self, stream: Stream) -> int:
+        return 8
+
     def note_more_waiting(self, stream: Stream, more: bool) -> None:
         pass
 
