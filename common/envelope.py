@@ -26,7 +26,7 @@ STATUSES: tuple[str, ...] = ("ok", "error", "expired", "cancelled")
 Arrays = dict[str, np.ndarray[Any, Any]]
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
     id: str
     model: str
@@ -37,7 +37,7 @@ class Request:
     store: bool = True  # keep the result under tq:r:<id> (pollable by id)
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     id: str
     status: Status

@@ -283,4 +283,8 @@ class Scheduler:
             for item in batch.items
         ]
         self._stats.record_batch(batch.model.name, parts, run.infer_ms, run.failures)
-        await self._writer.put(outcomes)
+        written = await self._writer.put(outcomes)
+        if batch.items[0].redelivered:
+            # The next redelivered request starts only once this answer is
+            # written: if it kills the worker, this one must count as done.
+            await written

@@ -45,13 +45,21 @@ class Writer:
         self._keys = keys
         self._committer = committer
         self._leases = leases
-        self._queue: asyncio.Queue[Sequence[Outcome] | None] = asyncio.Queue(maxsize=4)
+        # groups of outcomes, each with a future set once written (or given up)
+        self._queue: asyncio.Queue[tuple[Sequence[Outcome], asyncio.Future[None]] | None] = (
+            asyncio.Queue(maxsize=4)
+        )
         self._stopping = False
 
-    async def put(self, outcomes: Sequence[Outcome]) -> None:
-        """Queue outcomes for writing (waits while four groups are queued)."""
+    async def put(self, outcomes: Sequence[Outcome]) -> asyncio.Future[None]:
+        """Queue outcomes for writing (waits while four groups are queued);
+        the future is done once they are written."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if outcomes:
-            await self._queue.put(outcomes)
+            await self._queue.put((outcomes, done))
+        else:
+            done.set_result(None)
+        return done
 
     async def close(self) -> None:
         """Write what is queued, then end ``run``."""
@@ -61,9 +69,10 @@ class Writer:
     async def run(self) -> None:
         backoff = Backoff()
         while True:
-            outcomes = await self._queue.get()
-            if outcomes is None:
+            queued = await self._queue.get()
+            if queued is None:
                 return
+            outcomes, done = queued
             plan = self.plan(outcomes)
             while True:
                 try:
@@ -77,6 +86,7 @@ class Writer:
                     await backoff.wait("write results", exc)
             for queue, (_, ids) in plan.acks.items():
                 self._leases.release(queue, ids)
+            done.set_result(None)
 
     def plan(self, outcomes: Sequence[Outcome]) -> CommitPlan:
         """What to write for ``outcomes``: each answer counted against its

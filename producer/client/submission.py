@@ -29,7 +29,7 @@ INT64 = (-(2**63), 2**63 - 1)  # what a msgpack int may carry
 DEFAULT_MAX_QUEUE_LEN = 100_000
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Submission:
     """One request for ``submit_many``. ``InvalidInput`` at once for inputs
     that are no mapping or a ``request_id`` outside the id rule (common/ids.py)."""
@@ -44,7 +44,7 @@ class Submission:
     def __post_init__(self) -> None:
         if self.request_id is not None:
             check_request_id(self.request_id)
-        if not isinstance(self.inputs, Mapping):
+        if type(self.inputs) is not dict and not isinstance(self.inputs, Mapping):
             raise InvalidInput(
                 "inputs must be a mapping of input name -> array, e.g. {'x': array}; "
                 f"got {type(self.inputs).__name__}",
@@ -52,7 +52,7 @@ class Submission:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Prepared:
     """A checked request, its stream's length limit and the rows a bundle of
     it may hold (the model's max_batch_size); ``seq`` is the counter of an id

@@ -30,9 +30,12 @@ async def collect_status(
         names: Any = await redis.hkeys(keys.models)
         for raw_name in sorted(names):
             name = raw_name.decode()
-            length, pending, oldest_ms = 0, 0, 0.0
+            length, pending, oldest_ms, requests = 0, 0, 0.0, 0
             for queue in keys.queues(name):
-                length += await redis.xlen(queue)
+                entries = await redis.xlen(queue)
+                length += entries
+                counted = await redis.get(keys.queued(queue))  # bundles: many per entry
+                requests += max(entries, int(counted or 0))
                 try:
                     summary = await redis.xpending(queue, CONSUMER_GROUP)
                 except ResponseError:  # no group yet
@@ -45,6 +48,7 @@ async def collect_status(
             models[name] = {
                 "queued": max(0, length - pending),
                 "pending": pending,
+                "requests": requests,  # held by the streams, queued and pending, bundles counted
                 "oldest_pending_ms": oldest_ms,
                 "dead_letters": await redis.xlen(keys.dead(name)),
             }

@@ -114,7 +114,9 @@ def test_a_poison_member_alone_is_dead_lettered_and_its_mates_answered(
             assert seen[request_id][0].status == "ok"
             np.testing.assert_allclose(seen[request_id][0].outputs["y"], expected[k : k + 1],
                                        atol=1e-5)  # fmt: skip
-    [(_, letter)] = sync_redis.xrange(KEYS.dead("mlp"))
+    letters = sync_redis.xrange(KEYS.dead("mlp"))
+    assert len(letters) == 1, [(f[b"reason"], f[b"entry"]) for _, f in letters]
+    [(_, letter)] = letters
     alone = unpack_request(letter[b"req"])  # the culprit alone, as a single request
     assert alone.id == "poison-1"
     np.testing.assert_array_equal(alone.inputs["x"], x[20:21])

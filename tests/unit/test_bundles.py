@@ -6,7 +6,9 @@ entry acked only with the answer to its last request."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import fakeredis
 import msgpack
 import numpy as np
 import pytest
+import torch
 
 from common.bundle import (
     pack_bundle,
@@ -33,6 +36,7 @@ from tests.unit.test_worker_parts import (
     Calls,
     RecordingScheduler,
     RecordingWriter,
+    accepted,
     drain,
     scheduler_for,
     small_model,
@@ -325,3 +329,41 @@ def test_pushes_go_only_to_inbox_keys(tmp_path: Path) -> None:
     out = Outcome(NORMAL_STREAM.queue, b"3-0", ("a",), (True,), (("tq:q:m", b"x"),), fixed([b"x"]))
     plan = writer_with(leases).plan([out])
     assert not plan.pushes and plan.acks == {NORMAL_STREAM.queue: (1, [b"3-0"])}
+
+
+class SlowWriter(RecordingWriter):
+    """A writer whose commits take a while: each put's future is done later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[asyncio.Future[None]] = []
+
+    async def put(self, outcomes: Sequence[Outcome]) -> asyncio.Future[None]:
+        self.outcomes.extend(outcomes)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not outcomes:  # as the writer: nothing to write is written
+            future.set_result(None)
+            return future
+        loop.call_later(0.05, future.set_result, None)
+        self.written.append(future)
+        return future
+
+
+async def test_a_redelivered_request_starts_only_once_the_answer_before_it_is_written() -> None:
+    """Redelivered requests run one by one so that, if one kills the worker,
+    those before it count as answered: their answers must be written before
+    it starts (else a redelivery buries an innocent one)."""
+    writer = SlowWriter()
+    before: list[bool] = []  # at each forward: were all earlier answers written?
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        before.append(all(f.done() for f in writer.written))
+        return x * 2
+
+    scheduler = scheduler_for(small_model(forward), writer)
+    scheduler.add(NORMAL_STREAM, [accepted(NORMAL_STREAM, f"again-{i}", i, deliveries=2)
+                                  for i in range(3)])  # fmt: skip
+    await drain(scheduler)
+    assert before == [True, True, True]
+    assert [r.id for r in writer.results()] == ["again-0", "again-1", "again-2"]

@@ -61,8 +61,11 @@ class RecordingWriter:
         self.outcomes: list[Outcome] = []
         self.dead: list[DeadLetter] = []
 
-    async def put(self, outcomes: Sequence[Outcome]) -> None:
+    async def put(self, outcomes: Sequence[Outcome]) -> asyncio.Future[None]:
         self.outcomes.extend(outcomes)
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        written.set_result(None)
+        return written
 
     async def dead_letter(
         self, stream: Stream, letters: Sequence[DeadLetter], *, ack: bool = True
