@@ -30,6 +30,7 @@ from common.envelope import (
     Arrays,
     Request,
     Result,
+    Timings,
     check_version,
     request_of,
     unpack_map,
@@ -268,11 +269,7 @@ def pack_result_bundle(
     rows: Sequence[int],
     outputs: Arrays,
     output_dtypes: Mapping[str, str],
-    *,
-    queued_ms: float,
-    infer_ms: float,
-    batch_size: int,
-    worker: str,
+    timings: Timings,
 ) -> bytes:
     """The ``ok`` results of members computed together, outputs stacked."""
     body = {
@@ -281,10 +278,7 @@ def pack_result_bundle(
         "rows": list(rows),
         "status": "ok",
         "outputs": {k: encode_tensor(v, output_dtypes.get(k)) for k, v in outputs.items()},
-        "queued_ms": round(queued_ms, 3),
-        "infer_ms": round(infer_ms, 3),
-        "batch_size": batch_size,
-        "worker": worker,
+        **timings.fields(),
     }
     return msgpack.packb(body, use_bin_type=True)
 
@@ -313,13 +307,7 @@ def unpack_results(payload: bytes, limits: CodecLimits = DEFAULT_LIMITS) -> list
     total = sum(rows)
     if any(a.ndim == 0 or a.shape[0] != total for a in arrays.values()):
         raise ProtocolError(f"result bundle: outputs must have {total} rows, the members' sum")
-    try:
-        queued_ms = float(body.get("queued_ms", 0.0))
-        infer_ms = float(body.get("infer_ms", 0.0))
-        batch_size = int(body.get("batch_size", 0))
-    except (TypeError, ValueError, OverflowError):
-        raise ProtocolError("result bundle: timings must be numbers") from None
-    worker = str(body.get("worker", ""))
+    queued_ms, infer_ms, batch_size, worker = Timings.read(body, "result bundle")
     results = []
     start = 0
     for request_id, n in zip(ids, rows, strict=True):

@@ -56,6 +56,44 @@ class Result:
         return cls(request_id, status, error_code=code, error_message=message, worker=worker)
 
 
+class Timings(NamedTuple):
+    """Where a batch's time went, the same for every result it answers."""
+
+    queued_ms: float = 0.0
+    infer_ms: float = 0.0
+    batch_size: int = 0
+    worker: str = ""
+
+    @classmethod
+    def of(cls, result: Result) -> Timings:
+        return cls(result.queued_ms, result.infer_ms, result.batch_size, result.worker)
+
+    def fields(self) -> dict[str, Any]:
+        """The result map's timing fields."""
+        return {
+            "queued_ms": round(self.queued_ms, 3),
+            "infer_ms": round(self.infer_ms, 3),
+            "batch_size": self.batch_size,
+            "worker": self.worker,
+        }
+
+    @classmethod
+    def read(cls, body: Mapping[Any, Any], what: str, request_id: str | None = None) -> Timings:
+        """The timing fields of a result map (or result bundle) ``what``."""
+        try:
+            return cls(
+                float(body.get("queued_ms", 0.0)),
+                float(body.get("infer_ms", 0.0)),
+                int(body.get("batch_size", 0)),
+                str(body.get("worker", "")),
+            )
+        except (TypeError, ValueError, OverflowError):
+            raise ProtocolError(
+                f"{what}: 'queued_ms', 'infer_ms' and 'batch_size' must be numbers",
+                request_id=request_id,
+            ) from None
+
+
 def pack_request(request: Request) -> bytes:
     body: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
@@ -147,10 +185,7 @@ def pack_result(result: Result, output_dtypes: Mapping[str, str] | None = None) 
         "v": PROTOCOL_VERSION,
         "id": result.id,
         "status": result.status,
-        "queued_ms": round(result.queued_ms, 3),
-        "infer_ms": round(result.infer_ms, 3),
-        "batch_size": result.batch_size,
-        "worker": result.worker,
+        **Timings.of(result).fields(),
     }
     if result.status == "ok":
         body["outputs"] = {k: encode_tensor(v, dtypes.get(k)) for k, v in result.outputs.items()}
@@ -164,25 +199,14 @@ def pack_ok_results(
     offsets: Sequence[int],
     outputs: Arrays,
     output_dtypes: Mapping[str, str],
-    *,
-    queued_ms: float,
-    infer_ms: float,
-    batch_size: int,
-    worker: str,
+    timings: Timings,
 ) -> list[bytes]:
     """``pack_result`` of the ``ok`` results of requests computed together
     (request i owns rows offsets[i]:offsets[i+1] of every output), built
     from pieces packed once: the same map ``pack_result`` writes (its keys
     in another order), at a fraction of the cost per request."""
     packb = msgpack.packb
-    common = {
-        "v": PROTOCOL_VERSION,
-        "status": "ok",
-        "queued_ms": round(queued_ms, 3),
-        "infer_ms": round(infer_ms, 3),
-        "batch_size": batch_size,
-        "worker": worker,
-    }
+    common = {"v": PROTOCOL_VERSION, "status": "ok", **timings.fields()}
     head = bytes([0x80 | (len(common) + 2)]) + b"".join(
         packb(k) + packb(v) for k, v in common.items()
     ) + packb("id")  # fmt: skip
@@ -237,20 +261,10 @@ def unpack_result(
         check_version(body, "result")
     except ProtocolError as exc:
         raise ProtocolError(exc.message, request_id=request_id) from None
-    try:
-        result = Result(
-            request_id,
-            status,
-            queued_ms=float(body.get("queued_ms", 0.0)),
-            infer_ms=float(body.get("infer_ms", 0.0)),
-            batch_size=int(body.get("batch_size", 0)),
-            worker=str(body.get("worker", "")),
-        )
-    except (TypeError, ValueError, OverflowError):
-        raise ProtocolError(
-            "result: 'queued_ms', 'infer_ms' and 'batch_size' must be numbers",
-            request_id=request_id,
-        ) from None
+    result = Result(request_id, status)
+    result.queued_ms, result.infer_ms, result.batch_size, result.worker = Timings.read(
+        body, "result", request_id
+    )
     if status == "ok":
         outputs = body.get("outputs")
         if not isinstance(outputs, Mapping):

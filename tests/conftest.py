@@ -86,12 +86,6 @@ def entry_requests(raw: bytes) -> list[Request]:
     return requests
 
 
-def queued_ids(client: redis.Redis, queue: str) -> list[str]:
-    """The ids of every request a stream holds, bundles' members included."""
-    entries: Any = client.xrange(queue)
-    return [r.id for _, fields in entries for r in entry_requests(fields[b"req"])]
-
-
 def http_ready(url: str) -> bool:
     """True once ``url`` answers 200 (for wait_until)."""
     import urllib.request

@@ -31,7 +31,7 @@ import torch
 
 from common.bundle import pack_result_bundle
 from common.codec import WIRE_DTYPES
-from common.envelope import Arrays, Result, pack_ok_results, pack_result
+from common.envelope import Arrays, Result, Timings, pack_ok_results, pack_result
 from common.errors import ConfigError
 from common.spec import ModelSpec
 from worker.batching import Allocator, Assembled, assemble, check_output, split
@@ -245,25 +245,18 @@ class Answering:
         self._rows = rows
         self._worker = worker
 
-    def _result(self, item: Accepted, result: Result) -> Result:
-        result.queued_ms = max(0.0, self._run.started_ms - item.enqueued_ms)
-        result.infer_ms = self._run.infer_ms
-        result.batch_size = self._rows
-        result.worker = self._worker
-        return result
+    def _timings(self, item: Accepted) -> Timings:
+        """The same for every member of a parcel (they share its entry's wait)."""
+        queued_ms = max(0.0, self._run.started_ms - item.enqueued_ms)
+        return Timings(queued_ms, self._run.infer_ms, self._rows, self._worker)
 
     def ok(self, item: Accepted, outputs: Arrays) -> Outcome:
         """A parcel computed without failure: its members' rows of ``outputs``."""
         offsets = item.offsets
-
-        queued_ms = max(0.0, self._run.started_ms - item.enqueued_ms)
-        infer_ms, batch_size, worker = self._run.infer_ms, self._rows, self._worker
+        timings = self._timings(item)
 
         def singles() -> list[bytes]:
-            return pack_ok_results(
-                item.ids, offsets, outputs, self._dtypes,
-                queued_ms=queued_ms, infer_ms=infer_ms, batch_size=batch_size, worker=worker,
-            )  # fmt: skip
+            return pack_ok_results(item.ids, offsets, outputs, self._dtypes, timings)
 
         inbox = item.reply_to[0]
         if item.count == 1 or inbox is None or any(r != inbox for r in item.reply_to):
@@ -272,22 +265,21 @@ class Answering:
             return Outcome(item.stream.queue, item.entry_id, item.ids, item.store, pushes,
                            fixed(payloads))  # fmt: skip
         rows = [offsets[i + 1] - offsets[i] for i in range(item.count)]
-        element = pack_result_bundle(
-            item.ids, rows, outputs, self._dtypes,
-            queued_ms=queued_ms, infer_ms=infer_ms, batch_size=batch_size, worker=worker,
-        )  # fmt: skip
+        element = pack_result_bundle(item.ids, rows, outputs, self._dtypes, timings)
         return Outcome(item.stream.queue, item.entry_id, item.ids, item.store,
                        ((inbox, element),), singles)  # fmt: skip
 
     def each(self, item: Accepted, answers: Sequence[Arrays | ModelFailure]) -> Outcome:
         """A parcel of a bisected batch: each member's own outputs or failure."""
         payloads = []
+        timings = self._timings(item)
         for request_id, outputs in zip(item.ids, answers, strict=True):
             if isinstance(outputs, ModelFailure):
                 result = Result.failure(request_id, "error", "model_error", str(outputs))
             else:
                 result = Result(request_id, "ok", outputs=outputs)
-            payloads.append(pack_result(self._result(item, result), self._dtypes))
+            result.queued_ms, result.infer_ms, result.batch_size, result.worker = timings
+            payloads.append(pack_result(result, self._dtypes))
         pushes = tuple((r, p) for r, p in zip(item.reply_to, payloads, strict=True) if r)
         return Outcome(item.stream.queue, item.entry_id, item.ids, item.store, pushes,
                        fixed(payloads))  # fmt: skip

@@ -311,12 +311,13 @@ class StreamReader:
             except InvalidInput as exc:
                 errors = {i: errors.get(i, exc) for i in range(n)}
         if len(errors) < n:
-            for i, inbox in enumerate(bundle.reply_to):
-                if i not in errors:
-                    try:
-                        self._check_reply_to(inbox, bundle.ids[i])
-                    except InvalidInput as bad:
-                        errors[i] = bad
+            for inbox in set(bundle.reply_to):  # one check per inbox, usually one for all
+                try:
+                    self._check_reply_to(inbox, None)
+                except InvalidInput as bad:
+                    for i, member_inbox in enumerate(bundle.reply_to):
+                        if member_inbox == inbox:
+                            errors.setdefault(i, bad)
         parcels: list[Accepted] = []
         if len(errors) < n:
             if bundle.inputs is not None:
@@ -432,7 +433,8 @@ class StreamReader:
                 answered.append(
                     Outcome.ack_only(item.stream.queue, item.entry_id, [item.ids[i] for i in done])
                 )
-                left = [i for i in range(item.count) if i not in set(done)]
+                answered_now = set(done)
+                left = [i for i in range(item.count) if i not in answered_now]
                 replaced[id(item)] = item.select(left) if left else None
         if not answered:
             return items

@@ -26,7 +26,7 @@ from common.bundle import (
     unpack_results,
 )
 from common.codec import encode_tensor
-from common.envelope import Request, Result, pack_result, unpack_result
+from common.envelope import Request, Result, Timings, pack_result, unpack_result
 from common.errors import ProtocolError
 from common.settings import load_settings
 from tests.unit.test_worker_parts import (
@@ -122,8 +122,8 @@ def test_a_bundle_without_ids_cannot_be_answered() -> None:
 
 def test_a_result_bundle_splits_into_each_members_result() -> None:
     outputs = {"y": np.arange(12, dtype=np.float32).reshape(4, 3)}
-    element = pack_result_bundle(["a", "b", "c"], [1, 2, 1], outputs, {}, queued_ms=1.5,
-                                 infer_ms=2.0, batch_size=9, worker="w")  # fmt: skip
+    element = pack_result_bundle(["a", "b", "c"], [1, 2, 1], outputs, {},
+                                 Timings(1.5, 2.0, 9, "w"))  # fmt: skip
     results = unpack_results(element)
     assert [r.id for r in results] == ["a", "b", "c"]
     np.testing.assert_array_equal(results[1].outputs["y"], outputs["y"][1:3])
