@@ -188,6 +188,9 @@ class RedisSettings:
     connect_timeout_s: float = setting(5.0, above(0, 3600))
     max_connections: int = setting(64, at_least(1, 100_000))
     result_ttl_s: int = setting(3600, at_least(1))
+    # A stored result its submitting client has handed to its caller: shortened
+    # to this (0: deleted); a value >= result_ttl_s leaves results as they are.
+    collected_result_ttl_s: int = setting(60, at_least(0))
     cluster: bool = setting(False, Allowed())  # also implied by a redis+cluster:// URL
 
     def __post_init__(self) -> None:
@@ -290,6 +293,10 @@ class ModelConfig:
     batch_policy: str = setting("fixed", one_of("fixed", "adaptive"))  # see worker/window.py
     # padded size of one forward's inputs
     max_batch_bytes: int = setting(256 * 1024 * 1024, at_least(1))
+    # a model with a variable input axis batches requests of similar length (worker/grouping.py)
+    group_by_length: bool = setting(True, Allowed())
+    # batches a request may be left out of for younger ones before it goes in whatever its length
+    max_passed_over: int = setting(4, at_least(0))
 
     def __post_init__(self) -> None:
         _check_fields(self, f"[[models]] {self.name!r} ")
@@ -494,6 +501,8 @@ _MODEL_KEYS = {
     "max_queue_len",
     "batch_policy",
     "max_batch_bytes",
+    "group_by_length",
+    "max_passed_over",
 }
 _TENSOR_KEYS = {"name", "dtype", "shape", "pad_value"}
 _MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}

@@ -1,4 +1,4 @@
-"""Example models: the three deterministic TorchScript files that
+"""Example models: the four deterministic TorchScript files that
 ``config/tensorq.toml`` serves (``tensorq models build-examples``), used by
 the demo, the benchmark and the tests.
 
@@ -7,6 +7,13 @@ the demo, the benchmark and the tests.
   (about 1,000 items/s at batch 32 on one CPU thread).
 - ``seq``: tokens int64 [-1] (pad 0) -> (pooled float32 [16], scores float32 [-1]);
   padding changes neither output on a row's real positions.
+- ``encoder``: a small transformer sentence encoder (BERT-like: token and
+  position embeddings, 2 pre-norm self-attention layers of width 64 with 4
+  heads) with input_ids int64 [-1] and attention_mask int64 [-1] (both pad 0)
+  -> embedding float32 [64], the mean over the real tokens; padded positions
+  are masked out of attention and of the mean, so padding changes nothing
+  beyond float rounding. Its cost grows with the padded length (attention
+  quadratically), as a real text model's does.
 
 Every op works row by row (eval mode, no batchnorm statistics, no dropout),
 so a row's output does not depend on the rest of its batch beyond float
@@ -70,15 +77,58 @@ class Seq(nn.Module):
         return pooled, scores
 
 
+class EncoderLayer(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.ff = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        n, length, width = x.shape
+        qkv = self.qkv(self.norm1(x)).view(n, length, 3, self.heads, width // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [n, heads, L, width/heads]
+        attended = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        x = x + self.proj(attended.transpose(1, 2).reshape(n, length, width))
+        return x + self.ff(self.norm2(x))  # type: ignore[no-any-return]
+
+
+class Encoder(nn.Module):
+    def __init__(self, vocab: int = 8192, width: int = 64, heads: int = 4, layers: int = 2) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(512, width)
+        self.layers = nn.ModuleList([EncoderLayer(width, heads) for _ in range(layers)])
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        length = input_ids.shape[1]
+        positions = torch.arange(length, device=input_ids.device).unsqueeze(0)
+        x = self.tokens(input_ids) + self.positions(positions)
+        real = attention_mask != 0  # [n, L]
+        # a query attends to the real keys of its row only (a row with none: to all, not NaN)
+        keep = (real | ~real.any(dim=1, keepdim=True))[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, keep)
+        weights = real.unsqueeze(-1).to(x.dtype)
+        count = weights.sum(dim=1).clamp(min=1.0)
+        return (self.norm(x) * weights).sum(dim=1) / count  # type: ignore[no-any-return]
+
+
 _MODELS: dict[str, tuple[int, type[nn.Module]]] = {
     "mlp": (1, Mlp),
     "cnn": (2, Cnn),
     "seq": (3, Seq),
+    "encoder": (4, Encoder),
 }
 
 
 def build_examples(directory: Path) -> dict[str, Path]:
-    """Write ``mlp.pt``, ``cnn.pt`` and ``seq.pt`` into ``directory``; return name -> path."""
+    """Write ``mlp.pt``, ``cnn.pt``, ``seq.pt`` and ``encoder.pt`` into
+    ``directory``; return name -> path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}

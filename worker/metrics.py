@@ -23,7 +23,7 @@ class WorkerMetrics:
     exports metrics (the environment variable is set)."""
 
     def __init__(self) -> None:
-        from prometheus_client import Histogram
+        from prometheus_client import Counter, Histogram
 
         self.batch_rows = Histogram(
             "tensorq_worker_batch_rows",
@@ -44,8 +44,31 @@ class WorkerMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
         )
 
-    def record_batch(self, model: str, rows: int, compute_s: float, waits_s: list[float]) -> None:
+        # padding share = padded / real, for models with a variable input axis
+        self.padded_elements = Counter(
+            "tensorq_worker_padded_elements",
+            "Input elements computed, padding included (variable-axis models)",
+            ["model"],
+        )
+        self.real_elements = Counter(
+            "tensorq_worker_real_elements",
+            "Input elements the requests hold (variable-axis models)",
+            ["model"],
+        )
+
+    def record_batch(
+        self,
+        model: str,
+        rows: int,
+        compute_s: float,
+        waits_s: list[float],
+        padded: int = 0,
+        real: int = 0,
+    ) -> None:
         self.batch_rows.labels(model).observe(rows)
+        if real:
+            self.padded_elements.labels(model).inc(padded)
+            self.real_elements.labels(model).inc(real)
         self.compute.labels(model).observe(compute_s)
         queue_wait = self.queue_wait.labels(model)
         for wait in waits_s:

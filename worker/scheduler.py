@@ -40,6 +40,8 @@ from common.records import now_ms
 from common.spec import PaddedSize
 from worker.control import ControlFeed
 from worker.executor import BatchRun, Executor
+from worker.grouping import Candidate, batch_order
+from worker.registry import LoadedModel
 from worker.served import ServedModels
 from worker.stats import BatchPart, Stats
 from worker.window import WindowModel
@@ -47,6 +49,7 @@ from worker.work import Accepted, Batch, Outcome, Stream
 from worker.writer import Writer
 
 READ_AHEAD_BATCHES = 2  # a reader pauses while its backlog holds this many batches
+GROUPING_READ_AHEAD_BATCHES = 8  # the same for a model grouping requests by length
 
 
 @dataclass
@@ -57,6 +60,7 @@ class _Backlog:
     more_waiting: bool = False  # the last read filled its COUNT: Redis holds more
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     window: WindowModel = field(default_factory=WindowModel)
+    passed: dict[str, int] = field(default_factory=dict)  # first id -> batches passed over
 
 
 class Scheduler:
@@ -101,7 +105,7 @@ class Scheduler:
     def room(self, stream: Stream) -> int:
         """Rows the stream's backlog may still take before its reader pauses."""
         backlog = self._backlogs[stream.queue]
-        return READ_AHEAD_BATCHES * self._max_rows(backlog) - backlog.rows
+        return self._read_ahead(backlog) - backlog.rows
 
     async def wait_for_room(self, stream: Stream, stop: asyncio.Event) -> bool:
         """True if the stream's backlog has room for another read; else wait
@@ -165,13 +169,90 @@ class Scheduler:
     def _max_rows(self, backlog: _Backlog) -> int:
         return self._served[backlog.stream.model].spec.max_batch_size
 
+    def _read_ahead(self, backlog: _Backlog) -> int:
+        """Rows a backlog holds before its reader pauses: more when batches
+        are formed by length, so there are lengths to choose among."""
+        model = self._served[backlog.stream.model]
+        depth = GROUPING_READ_AHEAD_BATCHES if _groups_by_length(model) else READ_AHEAD_BATCHES
+        return depth * model.spec.max_batch_size
+
     def _take(self, backlog: _Backlog) -> list[Accepted]:
         """The next batch: whole requests up to max_batch_size rows and
         max_batch_bytes of padded inputs (a request alone always goes: the
-        reader refused any that alone passes the limit)."""
+        reader refused any that alone passes the limit). In arrival order,
+        or, for a model that groups by length with more than a batch
+        waiting, in the order worker/grouping.py picks."""
+        model = self._served[backlog.stream.model]
+        items = backlog.items
+        if not (
+            backlog.rows > model.spec.max_batch_size
+            and _groups_by_length(model)
+            and not items[0].redelivered
+        ):
+            taken, rest = self._fill(model, items)
+            for _ in taken:
+                items.popleft()
+            if rest is not None:
+                items.appendleft(rest)
+            if backlog.passed:  # left from grouped batches: the counts go with their parcels
+                for parcel in taken:
+                    count = backlog.passed.pop(parcel.ids[0], 0)
+                if rest is not None:
+                    backlog.passed[rest.ids[0]] = count
+        else:
+            taken = self._take_grouped(backlog, model)
+        backlog.rows -= sum(p.rows for p in taken)
+        backlog.changed.set()  # wakes a reader waiting for room
+        return taken
+
+    def _take_grouped(self, backlog: _Backlog, model: LoadedModel) -> list[Accepted]:
+        items = list(backlog.items)
+        passed = backlog.passed
+        bound = model.config.max_passed_over
+        near = now_ms() + (bound + 1) * backlog.window.batch_ms()  # deadlines the bound could miss
+        order = batch_order(
+            [
+                Candidate(
+                    p.row_size, p.rows,
+                    not p.redelivered and (passed.get(p.ids[0], 0) >= bound
+                                           or (p.earliest_deadline or near) < near),
+                    not p.redelivered,
+                )
+                for p in items
+            ],
+            model.spec.max_batch_size,
+        )  # fmt: skip
+        taken, rest = self._fill(model, [items[i] for i in order])
+        chosen = order[: len(taken)]
+        gone = set(chosen)
+        # passed over: left out of a batch that arrival order would have put it in
+        turn = 0
+        rows = 0
+        while turn < len(items) and rows + items[turn].rows <= model.spec.max_batch_size:
+            rows += items[turn].rows
+            turn += 1
+        kept: deque[Accepted] = deque()
+        for i, parcel in enumerate(items):
+            key = parcel.ids[0]
+            if i not in gone:
+                if i < turn:
+                    passed[key] = passed.get(key, 0) + 1
+                kept.append(parcel)
+                continue
+            count = passed.pop(key, 0)
+            if rest is not None and i == chosen[-1]:
+                passed[rest.ids[0]] = count
+                kept.append(rest)
+        backlog.items = kept
+        return taken
+
+    def _fill(
+        self, model: LoadedModel, candidates: Sequence[Accepted]
+    ) -> tuple[list[Accepted], Accepted | None]:
+        """Take ``candidates`` in order while they fit: the parcels taken (the
+        last maybe only its first members) and what is left of a split one."""
         taken: list[Accepted] = []
         rows = 0
-        model = self._served[backlog.stream.model]
         max_rows = model.spec.max_batch_size
         max_bytes = model.config.max_batch_bytes
         size = PaddedSize(model.spec)
@@ -179,9 +260,8 @@ class Scheduler:
         # max_batch_size such rows fit, nothing more needs sizing.
         padded = any(t.variable_axes for t in model.spec.inputs)
         sizing = True
-        items = backlog.items
-        while items:
-            head = items[0]
+        rest: Accepted | None = None
+        for head in candidates:
             if taken and (head.redelivered or taken[0].redelivered):
                 break
             room = max_rows - rows
@@ -195,11 +275,7 @@ class Scheduler:
                 if fits <= 0 and taken:
                     break
                 if max(fits, 1) < head.count:
-                    head, items[0] = head.split(max(fits, 1))
-                else:
-                    items.popleft()
-            else:
-                items.popleft()
+                    head, rest = head.split(max(fits, 1))
             if sizing:
                 size = size.join(head.inputs)
                 sizing = padded or size.nbytes * max_rows > max_bytes * size.rows
@@ -207,9 +283,7 @@ class Scheduler:
             taken.append(head)
             if full:
                 break
-        backlog.rows -= rows
-        backlog.changed.set()  # wakes a reader waiting for room
-        return taken
+        return taken, rest
 
     async def _fill_window(self, backlog: _Backlog) -> None:
         """Wait up to max_delay_ms for more rows while the batch policy says it pays off."""
@@ -282,9 +356,19 @@ class Scheduler:
             BatchPart(item.count, item.rows, max(0.0, run.started_ms - item.enqueued_ms))
             for item in batch.items
         ]
-        self._stats.record_batch(batch.model.name, parts, run.infer_ms, run.failures)
+        padded = real = 0
+        if any(t.variable_axes for t in batch.model.spec.inputs):
+            padded = sum(a.size for a in run.assembled.inputs)
+            real = sum(a.size for item in batch.items for a in item.inputs.values())
+        self._stats.record_batch(
+            batch.model.name, parts, run.infer_ms, run.failures, padded=padded, real=real
+        )
         written = await self._writer.put(outcomes)
         if batch.items[0].redelivered:
             # The next redelivered request starts only once this answer is
             # written: if it kills the worker, this one must count as done.
             await written
+
+
+def _groups_by_length(model: LoadedModel) -> bool:
+    return model.config.group_by_length and any(t.variable_axes for t in model.spec.inputs)

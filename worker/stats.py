@@ -65,11 +65,14 @@ class LatencyWindow:
     requests' latencies. Its arrays are allocated once; a bucket is
     cleared in place when the ring comes round to it again."""
 
-    __slots__ = ("epochs", "histograms", "rows")
+    __slots__ = ("epochs", "histograms", "padded", "real", "rows")
 
     def __init__(self) -> None:
         self.epochs = array("q", [-1] * BUCKETS)  # which interval (clock // BUCKET_S) each holds
         self.rows = array("q", [0] * BUCKETS)
+        # input elements computed (padding included) and requested, for variable axes
+        self.padded = array("q", [0] * BUCKETS)
+        self.real = array("q", [0] * BUCKETS)
         self.histograms = [array("q", bytes(8 * BINS)) for _ in range(BUCKETS)]
 
     def bucket(self, now: float) -> int:
@@ -79,6 +82,7 @@ class LatencyWindow:
         if self.epochs[slot] != epoch:
             self.epochs[slot] = epoch
             self.rows[slot] = 0
+            self.padded[slot] = self.real[slot] = 0
             self.histograms[slot][:] = _ZEROS
         return slot
 
@@ -88,11 +92,14 @@ class LatencyWindow:
         epoch = int(now // BUCKET_S)
         spark = [0] * BUCKETS
         live: list[array[int]] = []
+        padded = real = 0
         for slot in range(BUCKETS):
             age = epoch - self.epochs[slot]
             if 0 <= age < BUCKETS:
                 spark[BUCKETS - 1 - age] = self.rows[slot]
                 live.append(self.histograms[slot])
+                padded += self.padded[slot]
+                real += self.real[slot]
         # 11 whole intervals and the part of the current one gone by
         span = WINDOW_S - BUCKET_S + (now - epoch * BUCKET_S)
         counts = (
@@ -105,6 +112,9 @@ class LatencyWindow:
             "p50_ms": round(_percentile(counts, 50), 2),
             "p99_ms": round(_percentile(counts, 99), 2),
             "spark": spark,
+            # variable-axis models: input elements requested, and computed with padding over them
+            "real_elements": real,
+            "padding_share": round(padded / real, 3) if real else 1.0,
         }
 
 
@@ -137,10 +147,19 @@ class Stats:
         self.errors += n
 
     def record_batch(
-        self, model: str, parts: Sequence[BatchPart], infer_ms: float, failures: int
+        self,
+        model: str,
+        parts: Sequence[BatchPart],
+        infer_ms: float,
+        failures: int,
+        *,
+        padded: int = 0,
+        real: int = 0,
     ) -> None:
         """One computed batch: its parts (requests that shared an entry share
-        a wait), the forward's time and how many requests failed alone.
+        a wait), the forward's time and how many requests failed alone;
+        for a model with a variable axis, the input elements it computed
+        (``padded``) and those its requests hold (``real``).
         Each part costs one histogram update, weighted by its requests."""
         window = self.windows.get(model)
         if window is None:
@@ -154,10 +173,13 @@ class Stats:
             rows += part_rows
             requests += part_requests
         window.rows[slot] += rows
+        window.padded[slot] += padded
+        window.real[slot] += real
         if self.metrics is not None:
             self.metrics.record_batch(
                 model, rows, infer_ms / 1000,
                 [p.wait_ms / 1000 for p in parts for _ in range(p.requests)],  # one per request
+                padded, real,
             )  # fmt: skip
         self.batches += 1
         self.requests += requests

@@ -33,6 +33,10 @@ class WindowModel:
     def record_arrival(self, rows: int, now: float | None = None) -> None:
         self.arrivals.append((time.monotonic() if now is None else now, rows))
 
+    def batch_ms(self) -> float:
+        """The mean compute time of recent batches (0 before the first)."""
+        return sum(t for _, t in self.batches) / len(self.batches) if self.batches else 0.0
+
     def overhead_ms(self) -> float:
         """``a`` of the least-squares fit ``t = a + c*b`` (0 until it can be fitted)."""
         if len(self.batches) < 4:

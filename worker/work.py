@@ -77,6 +77,11 @@ class Accepted:
         deadlines = [d for d in self.deadlines if d is not None]
         return min(deadlines) if deadlines else None
 
+    @cached_property
+    def row_size(self) -> int:
+        """Elements in one row of all its inputs (the members share their per-row shapes)."""
+        return sum(a.size // a.shape[0] for a in self.inputs.values() if a.shape[0])
+
     def member_rows(self, i: int) -> int:
         return self.offsets[i + 1] - self.offsets[i]
 

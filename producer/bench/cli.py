@@ -14,12 +14,26 @@ from common.extras import GATEWAY_MODULES, POOL_MODULES, require_extra
 from common.settings import Settings
 from producer.scoring.runner import DEFAULT_WINDOW
 
+DEFAULT_REQUESTS = 20000
+
 
 def bench_command(subparsers: Any) -> None:
     parser = subparsers.add_parser("bench", help="throughput/latency against two references")
     add_common_flags(parser)
     parser.add_argument("--model", default="mlp", help="model to load (default mlp)")
-    parser.add_argument("--requests", type=int, default=20000, help="requests for throughput")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests for throughput (default 20000; 2000 for a variable-length model)",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=_length_range,
+        default=(8, 256),
+        metavar="LOW,HIGH",
+        help="a variable-length model's request lengths, uniform (default 8,256)",
+    )
     parser.add_argument("--rows", type=int, default=1, help="rows per request")
     parser.add_argument("--concurrency", type=int, default=64, help="producers for latency")
     parser.add_argument("--devices", default="cpu", help="worker devices (default cpu)")
@@ -41,6 +55,20 @@ def bench_command(subparsers: Any) -> None:
         "--http",
         action="store_true",
         help="instead: sync OIP inference through the gateway against a bare aiohttp floor",
+    )
+    parser.add_argument(
+        "--soak",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead: N one-row requests; worker, client and Redis memory at intervals",
+    )
+    parser.add_argument(
+        "--soak-ttl",
+        type=int,
+        default=20,
+        metavar="S",
+        help="result_ttl_s of the --soak run (default 20; collected results: S/4)",
     )
     parser.set_defaults(func=_bench)
 
@@ -64,9 +92,27 @@ def bench_score_command(subparsers: Any) -> None:
     parser.set_defaults(func=_bench_score)
 
 
+def _length_range(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LOW,HIGH (integers)") from None
+    if not 1 <= low <= high:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 1 <= LOW <= HIGH")
+    return low, high
+
+
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     # The pool and the in-process reference need torch; --http a gateway and an
     # aiohttp client; --report matplotlib, checked before the sweep, not after it.
+    if args.soak is not None:
+        require_extra("bench", *POOL_MODULES)
+        from producer.bench.soak import run_soak
+
+        return run_soak(args, settings)
+    variable = any(t.variable_axes for t in settings.model(args.model).inputs)
+    if not variable or args.http or args.report:
+        args.requests = args.requests or DEFAULT_REQUESTS
     if args.report:
         require_extra("bench", *POOL_MODULES, "matplotlib")
         from producer.bench.report import run_report
@@ -78,6 +124,10 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
         return run_http_bench(args, settings)
     require_extra("bench", *POOL_MODULES)
+    if variable:
+        from producer.bench.lengths import run_length_bench
+
+        return run_length_bench(args, settings)
     from producer.bench.pool import run_bench
 
     return run_bench(args, settings)

@@ -106,13 +106,20 @@ def _summary(
 
 
 def random_inputs(
-    spec_inputs: Any, rows: int, rng: np.random.Generator, *, max_len: int = 32
+    spec_inputs: Any,
+    rows: int,
+    rng: np.random.Generator,
+    *,
+    max_len: int = 32,
+    length: int | None = None,
 ) -> dict[str, np.ndarray[Any, Any]]:
-    """Random tensors fitting a model's declared inputs (variable axes 1..max_len)."""
+    """Random tensors fitting a model's declared inputs (variable axes
+    ``length`` long, or 1..max_len at random)."""
     from common.codec import WIRE_DTYPES
 
     arrays: dict[str, np.ndarray[Any, Any]] = {}
-    length = int(rng.integers(1, max_len + 1))
+    if length is None:
+        length = int(rng.integers(1, max_len + 1))
     for tensor in spec_inputs:
         shape = (rows, *(length if d < 0 else d for d in tensor.shape))
         dtype = WIRE_DTYPES[tensor.dtype]

@@ -5,6 +5,11 @@ python -m producer.bench.reference inprocess --model F --spec JSON --batch B --t
     the TorchScript model called in-process on batches of B rows; prints items/s.
     On a GPU each call copies its inputs from pinned host memory to the
     device and its outputs back, as the worker does.
+python -m producer.bench.reference lengths --model F --spec JSON --lengths 8,200,...
+        --threads T --device D
+    the mixed-length reference (producer.bench.lengths): the same requests
+    in batches of max_batch_size, in arrival order and sorted by length;
+    prints requests/s and the padding share of each.
 python -m producer.bench.reference bare --redis URL --stream K --count N
     the bare transport consumer: XREADGROUP COUNT 256 -> pipelined SET + XACK,
     no model, no decode; pushes its finish time when it has consumed N entries
@@ -40,22 +45,24 @@ def inprocess_rate(
 ) -> float:
     """Reference (a): the model in-process, one process per worker slot,
     pinned as the worker of that slot is, run at the same time; items/s summed."""
+    figures = per_slot(
+        ["inprocess", "--model", path, "--spec", spec_json, "--batch", str(batch)], threads, slots
+    )
+    return float(sum(f["items_per_s"] for f in figures))
+
+
+def per_slot(verb: Sequence[str], threads: int, slots: Sequence[DeviceSlot]) -> list[Any]:
+    """Run ``python -m producer.bench.reference VERB...`` once per worker slot,
+    pinned as that slot's worker is, all at the same time; their JSON figures."""
     procs = []
     for slot in slots:
         env = {**os.environ, **slot.environment(), "OMP_NUM_THREADS": str(threads)}
-        cmd = [
-            sys.executable, "-m", "producer.bench.reference", "inprocess", "--model", path,
-            "--spec", spec_json, "--batch", str(batch), "--threads", str(threads),
-            "--device", slot.torch_device,
-        ]  # fmt: skip
+        cmd = [sys.executable, "-m", "producer.bench.reference", *verb,
+               "--threads", str(threads), "--device", slot.torch_device]  # fmt: skip
         procs.append(
             subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, preexec_fn=normal_priority)
         )
-    total = 0.0
-    for proc in procs:
-        out, _ = proc.communicate(timeout=120)
-        total += json.loads(out)["items_per_s"]
-    return total
+    return [json.loads(proc.communicate(timeout=600)[0]) for proc in procs]
 
 
 async def bare_transport(url: str, payload_bytes: int, count: int) -> float:
@@ -156,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     inproc.add_argument("--threads", type=int, required=True)
     inproc.add_argument("--seconds", type=float, default=3.0)
     inproc.add_argument("--device", default="cpu")
+    lengths = verbs.add_parser("lengths")
+    lengths.add_argument("--model", required=True)
+    lengths.add_argument("--spec", required=True)
+    lengths.add_argument("--lengths", required=True, help="comma-separated, one per request")
+    lengths.add_argument("--threads", type=int, required=True)
+    lengths.add_argument("--device", default="cpu")
     bare = verbs.add_parser("bare")
     bare.add_argument("--redis", required=True)
     bare.add_argument("--stream", required=True)
@@ -166,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.spec, args.batch, args.threads, args.seconds, args.device
         )
         print(json.dumps({"items_per_s": rate}))
+    elif args.verb == "lengths":
+        from producer.bench.lengths import run_orders
+
+        order_lengths = [int(n) for n in args.lengths.split(",")]
+        figures = run_orders(args.model, args.spec, order_lengths, args.threads, args.device)
+        print(json.dumps(figures))
     else:
         run_bare_consumer(args.redis, args.stream, args.count)
     return 0

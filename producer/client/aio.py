@@ -6,7 +6,9 @@ with a Lua XADD that refuses past the model's ``max_queue_len``
 (``QueueFull``; ``client.enqueue``). Every request names this client's
 inbox in ``reply_to``, where one reader task collects the results
 (``client.inbox``). Results stay fetchable by id from ``tq:r:<id>`` by
-anyone (``client.results``).
+anyone (``client.results``); once this client has handed a kept result to
+its caller, that key lives ``collected_result_ttl_s`` more
+(``client.collected``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from common.redis_conn import check_reachable, pooled_client
 from common.redis_url import check_url, mask_url
 from common.settings import RedisSettings, Settings
 from common.spec import ModelSpec
+from producer.client.collected import Collected
 from producer.client.enqueue import Enqueuer
 from producer.client.inbox import Inbox, InboxReader
 from producer.client.results import (
@@ -109,6 +112,12 @@ class AsyncClient:
         self._enqueuer = Enqueuer(
             self.keys, lambda: self.redis, self._call, self.client_id, settings.redis.result_ttl_s
         )
+        self._collected = Collected(
+            self.keys,
+            lambda: self.redis,
+            settings.redis.collected_result_ttl_s,
+            settings.redis.result_ttl_s,
+        )
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -127,6 +136,7 @@ class AsyncClient:
         if self._redis is None:
             return
         await self._reader.stop()
+        await self._collected.close()
         self._inbox.clear()
         if self._given_redis is None:
             await self._redis.aclose()
@@ -207,7 +217,8 @@ class AsyncClient:
                     raise
                 prepared.append(self._prepare(submission, fresh))
         ids = [p.request.id for p in prepared]
-        self._inbox.expect(ids)  # DuplicateRequest if one is in flight here: nothing enqueued
+        # DuplicateRequest if one is in flight here: nothing enqueued
+        self._inbox.expect(ids, [p.request.store for p in prepared])
         self._reader.start()  # results of our own requests arrive in our inbox
         try:
             replies = await self._enqueuer.enqueue(prepared)
@@ -255,9 +266,17 @@ class AsyncClient:
 
     # -- results --------------------------------------------------------------
 
-    async def wait(self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S) -> Result:
+    async def wait(
+        self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S, *, keep: bool = False
+    ) -> Result:
         """The full result envelope (status, outputs, timings) of a request,
         whatever its status: an error result is returned, not raised.
+
+        The result of this client's own kept request (``submit``), once
+        returned here, lives ``collected_result_ttl_s`` more under
+        ``tq:r:<id>``; ``keep=True`` leaves it the whole ``result_ttl_s``
+        (for a caller that hands the id on to readers by id, as the gateway
+        does). Ids read by id (another client's) are never shortened.
 
         ``UnknownRequest`` at once for an id that no request has now: not
         submitted (or refused), or its result expired (see ``_wait_stored``);
@@ -265,9 +284,22 @@ class AsyncClient:
         future = self._inbox.waiters.get(request_id)
         if future is None:  # not ours: only our own requests are pushed to our inbox
             return await self._wait_stored(request_id, timeout)
-        if future.done():  # delivered already: no timer needed
-            del self._inbox.waiters[request_id]
-            return future.result()
+        try:
+            if future.done():  # delivered already: no timer needed
+                result = future.result()
+            else:
+                result = await self._delivery(future, request_id, timeout)
+        finally:
+            kept = self._inbox.release(request_id)
+        if kept and not keep:
+            self._collected.add(request_id)
+        return result
+
+    async def _delivery(
+        self, future: asyncio.Future[Result], request_id: str, timeout: float | None
+    ) -> Result:
+        """The result the inbox resolves ``future`` with, or the stored one if
+        none comes within ``timeout``."""
         try:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(future)  # a timeout leaves other waits on it be
@@ -279,8 +311,6 @@ class AsyncClient:
             if stored is not None:
                 return stored
             raise RequestTimeout(f"no result within {timeout}s", request_id=request_id) from None
-        finally:
-            self._inbox.waiters.pop(request_id, None)
 
     async def _wait_stored(self, request_id: str, timeout: float | None) -> Result:
         """Wait for a request this client is not waiting for (another
@@ -314,12 +344,12 @@ class AsyncClient:
         return await poll_stored(self.redis, key, limits, request_id, timeout, since=since)
 
     async def result(
-        self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S
+        self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S, *, keep: bool = False
     ) -> dict[str, np.ndarray[Any, Any]]:
         """Outputs as numpy arrays (bfloat16 widened to float32). Raises what a
         failed result stands for (``InferenceError``, ``RequestTimeout`` for an
-        expired request), and what ``wait`` raises."""
-        return outputs_of(await self.wait(request_id, timeout))
+        expired request), and what ``wait`` raises; ``keep`` as for ``wait``."""
+        return outputs_of(await self.wait(request_id, timeout, keep=keep))
 
     async def infer(
         self,

@@ -4,7 +4,9 @@ many requests answered by one batch), and one reader task pops them in bulk (BLM
 and resolves the futures of the waiting calls, so thousands of waiting
 requests need one connection and no polling.
 
-``Inbox`` holds the waiters and the results no wait() has claimed yet;
+``Inbox`` holds the waiters, which of them asked for their result to be
+kept (``store``), and the results no wait() has claimed yet; its size
+follows the requests in flight and the unclaimed results, never the rate;
 ``InboxReader`` is the task that fills it, reconnecting with backoff (after
 a lost connection it sweeps stored results, since a pop whose reply was lost
 took results with it).
@@ -15,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,11 +46,16 @@ class Inbox:
     key: str
     limits: CodecLimits
     waiters: dict[str, asyncio.Future[Result]] = field(default_factory=dict)
-    # (delivered at, id) of results no wait() has taken yet, oldest first
-    unclaimed: deque[tuple[float, str]] = field(default_factory=deque)
+    # ids of waiters whose result is also stored under tq:r:<id> (store=True)
+    kept: set[str] = field(default_factory=set)
+    # id -> delivered at, of results no wait() has taken yet, oldest first (a
+    # claim removes its entry, so this holds only what nobody has waited for)
+    unclaimed: dict[str, float] = field(default_factory=dict)
 
-    def expect(self, request_ids: Sequence[str]) -> None:
-        """Results of these requests will arrive here: make their futures.
+    def expect(self, request_ids: Sequence[str], stored: Sequence[bool] = ()) -> None:
+        """Results of these requests will arrive here: make their futures;
+        ``stored``, one flag per id (default all False), says which are kept
+        by id too.
 
         ``DuplicateRequest``, and no future made, if an id is still awaited
         here (its result not delivered: two answers would meet under one id)
@@ -73,13 +79,30 @@ class Inbox:
                     )
                 seen.add(request_id)
         loop = asyncio.get_running_loop()
+        unclaimed, kept = self.unclaimed, self.kept
         for request_id in request_ids:
             waiters[request_id] = loop.create_future()
+            if unclaimed:  # a reused id: its earlier, unclaimed result is let go
+                unclaimed.pop(request_id, None)
+            if kept:
+                kept.discard(request_id)
+        if any(stored):
+            self.kept.update(i for i, keep in zip(request_ids, stored, strict=True) if keep)
 
     def forget(self, request_ids: Iterable[str]) -> None:
         """Nobody will wait for these (not known to be queued)."""
         for request_id in request_ids:
-            self.waiters.pop(request_id, None)
+            self.release(request_id)
+
+    def release(self, request_id: str) -> bool:
+        """Drop what is held for ``request_id`` (its wait is over); whether
+        its result was to be kept by id."""
+        self.waiters.pop(request_id, None)
+        self.unclaimed.pop(request_id, None)
+        if request_id in self.kept:
+            self.kept.remove(request_id)
+            return True
+        return False
 
     def waiting(self) -> list[str]:
         return [i for i, f in self.waiters.items() if not f.done()]
@@ -101,24 +124,30 @@ class Inbox:
                 future = waiters.get(result.id)
                 if future is not None and not future.done():
                     future.set_result(result)
-                    self.unclaimed.append((now, result.id))
+                    self.unclaimed[result.id] = now
         self.forget_unclaimed(UNCLAIMED_S)
 
     def forget_unclaimed(self, older_than_s: float) -> None:
         """Drop results delivered long ago that nobody waited for (submit
         and forget); a late wait() reads them from Redis by id instead."""
         horizon = time.monotonic() - older_than_s
-        while self.unclaimed and self.unclaimed[0][0] <= horizon:
-            _, request_id = self.unclaimed.popleft()
+        unclaimed = self.unclaimed
+        while unclaimed:
+            request_id = next(iter(unclaimed))
+            if unclaimed[request_id] > horizon:
+                break
+            del unclaimed[request_id]
             future = self.waiters.get(request_id)
             if future is not None and future.done():
                 del self.waiters[request_id]
+                self.kept.discard(request_id)
 
     def clear(self) -> None:
         """At close: every waiting call ends (cancelled), nothing is kept."""
         for future in self.waiters.values():
             future.cancel()
         self.waiters.clear()
+        self.kept.clear()
         self.unclaimed.clear()
 
 

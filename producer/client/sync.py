@@ -54,13 +54,15 @@ class Client:
     def submit_many(self, submissions: Sequence[Submission]) -> list[str]:
         return self._run(self._async.submit_many(submissions))
 
-    def wait(self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S) -> Result:
-        return self._run(self._async.wait(request_id, timeout))
+    def wait(
+        self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S, *, keep: bool = False
+    ) -> Result:
+        return self._run(self._async.wait(request_id, timeout, keep=keep))
 
     def result(
-        self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S
+        self, request_id: str, timeout: float | None = DEFAULT_TIMEOUT_S, *, keep: bool = False
     ) -> dict[str, np.ndarray[Any, Any]]:
-        return self._run(self._async.result(request_id, timeout))
+        return self._run(self._async.result(request_id, timeout, keep=keep))
 
     def infer(
         self, model: str, inputs: Mapping[str, Any], **kwargs: Any

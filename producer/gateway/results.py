@@ -103,7 +103,8 @@ class Followers:
 
     async def _follow(self, request_id: str) -> None:
         try:
-            await self._client.wait(request_id, self._timeout_s)
+            # keep: the HTTP caller reads it by id, for the whole result TTL
+            await self._client.wait(request_id, self._timeout_s, keep=True)
         except TensorQError:  # no result in time: the request shows as pending, then 404
             pass
         finally:

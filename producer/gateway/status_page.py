@@ -1,8 +1,8 @@
 """The status page: ``GET /`` serves one self-refreshing HTML page (no build
 step) drawn from ``GET /v1/status``, the same report as ``tensorq status
---json`` (producer/ops/status.py): per model queue depth, pending, oldest pending
-age, dead letters, rows/s and p50/p99 over the last minute with a sparkline;
-per worker device, alive, batches, mean batch size.
+--json`` (producer/ops/status.py): per model queue depth, pending, oldest
+pending age, dead letters, rows/s, p50/p99 and the padding share over the
+last minute with a sparkline; per worker device, alive, batches, mean batch size.
 
 With ``[gateway] tokens`` a browser signs in once (``/login``, or
 ``/?token=``) and a session cookie then lets it read the page and
@@ -50,7 +50,7 @@ PAGE = """<!doctype html>
 <h2>Models</h2>
 <table id="models"><thead><tr><th>model</th><th>queued</th><th>pending</th>
 <th>oldest pending ms</th><th>dead letters</th><th>rows/s (1 min)</th><th>p50 ms</th>
-<th>p99 ms</th><th>last minute</th></tr></thead><tbody></tbody></table>
+<th>p99 ms</th><th>padding</th><th>last minute</th></tr></thead><tbody></tbody></table>
 <h2>Workers</h2>
 <table id="workers"><thead><tr><th>worker</th><th>device</th><th>alive</th><th>batches</th>
 <th>mean batch</th><th>last seen s</th></tr></thead><tbody></tbody></table>
@@ -85,6 +85,9 @@ async function refresh() {
         tr.append(cell({ model: name, field: f }, Number.isInteger(v) ? v : v.toFixed(1),
                        f === "dead_letters" && v > 0 ? "dead" : ""));
       }
+      const share = m.padding_share_1m;  // null: no padded batches in the last minute
+      tr.append(cell({ model: name, field: "padding_share_1m" },
+                     share === null || share === undefined ? "-" : `${share.toFixed(2)}x`));
       const sparkCell = cell({ model: name, field: "spark" }, "");
       sparkCell.innerHTML = spark(m.spark_1m);
       tr.append(sparkCell);

@@ -30,7 +30,7 @@ def demo_command(subparsers: Any) -> None:
 
 
 def status_command(subparsers: Any) -> None:
-    parser = subparsers.add_parser("status", help="queues, workers and dead letters")
+    parser = subparsers.add_parser("status", help="queues, workers, dead letters and Redis memory")
     add_common_flags(parser)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=_status)
@@ -85,14 +85,29 @@ async def _demo_traffic(settings: Settings, url: str, args: argparse.Namespace) 
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    from producer.ops.status import collect_status, format_status
+    from producer.ops.memory import format_redis_memory
+    from producer.ops.status import format_status
 
     if not settings.redis.url:
         print("tensorq status needs a Redis URL (--redis or TQ_REDIS_URL)")
         return 2
-    report = run(collect_status(settings))
-    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    report = run(_status_report(settings))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_status(report) + "\n\n" + format_redis_memory(report["redis"]))
     return 0
+
+
+async def _status_report(settings: Settings) -> dict[str, Any]:
+    """Queues and workers (what the gateway's status shows too), then the
+    Redis memory block (``producer.ops.memory``: a bounded SCAN, so the CLI's only)."""
+    from producer.ops.memory import collect_redis_memory
+    from producer.ops.status import collect_status
+
+    report = await collect_status(settings)
+    report["redis"] = await collect_redis_memory(settings)
+    return report
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:

@@ -65,12 +65,18 @@ async def collect_status(
 
 def _last_minute(model: str, workers: list[WorkerHeartbeat]) -> dict[str, Any]:
     """Across live workers: rows/s summed, latency percentiles of the worst
-    worker (percentiles do not add up), the sparkline summed per 5 s bucket."""
+    worker (percentiles do not add up), the sparkline summed per 5 s bucket,
+    the padding share weighted by each worker's real elements (None: no
+    padded batches in the last minute)."""
     minutes = [w.last_minute.get(model) for w in workers]
     present = [m for m in minutes if m]
     spark = [sum(m["spark"][i] for m in present) for i in range(12)]
+    real = sum(m.get("real_elements", 0) for m in present)
+    padded = sum(m.get("padding_share", 1.0) * m.get("real_elements", 0) for m in present)
     return {
         "rows_per_s_1m": round(sum(m["rows_per_s"] for m in present), 2),
+        # variable-axis models: input elements computed (padding included) / requested
+        "padding_share_1m": round(padded / real, 3) if real else None,
         "p50_ms_1m": max((m["p50_ms"] for m in present), default=0.0),
         "p99_ms_1m": max((m["p99_ms"] for m in present), default=0.0),
         "spark_1m": spark,
@@ -80,13 +86,14 @@ def _last_minute(model: str, workers: list[WorkerHeartbeat]) -> dict[str, Any]:
 def format_status(report: dict[str, Any]) -> str:
     lines = [
         f"{'model':<12}{'queued':>8}{'pending':>9}{'oldest ms':>11}{'dead':>7}"
-        f"{'rows/s 1m':>11}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'rows/s 1m':>11}{'p50 ms':>9}{'p99 ms':>9}{'padding':>9}"
     ]
     for name, m in report["models"].items():
         lines.append(
             f"{name:<12}{m['queued']:>8}{m['pending']:>9}"
             f"{m['oldest_pending_ms']:>11.0f}{m['dead_letters']:>7}"
             f"{m['rows_per_s_1m']:>11.1f}{m['p50_ms_1m']:>9.1f}{m['p99_ms_1m']:>9.1f}"
+            f"{_share(m.get('padding_share_1m')):>9}"
         )
     lines.append("")
     lines.append(f"{'worker':<36}{'device':>8}{'alive':>7}{'batches':>9}{'mean':>7}{'seen':>7}")
@@ -96,3 +103,7 @@ def format_status(report: dict[str, Any]) -> str:
             f"{w['batches']:>9}{w['mean_batch_rows']:>7.1f}{w['last_seen_s_ago']:>6.1f}s"
         )
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"

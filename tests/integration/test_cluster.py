@@ -219,12 +219,24 @@ async def test_poison_and_cancel_on_a_cluster(
         pool = start_pool(config, cluster_url, devices="cpu", workers=1)
         assert (await client.wait(cancelled, timeout=60)).status == "cancelled"
         ok = await client.infer("mlp", {"x": x}, timeout=60)
+        kept = await client.submit_many([Submission("mlp", {"x": x}) for _ in range(30)])
+        for request_id in kept:
+            await client.wait(request_id, timeout=60)
     assert ok["y"].shape == (1, 10)
     sync = sync_client(cluster_url)
     try:
         dead = sync.xrange(keys.dead("mlp"))
         assert len(dead) == 1 and b"delivered" in dead[0][1][b"reason"]
         await async_wait_until(lambda: sync.xlen(keys.queue("mlp")) == 0, 30, "queue drained")
+        # collected results, their keys spread over the nodes by id: each
+        # node got its share of the client's pipelined EXPIREs
+        collected = [poison, cancelled, *kept]
+        assert len({sync.keyslot(keys.result(i)) for i in collected}) > 1
+        await async_wait_until(
+            lambda: all(0 < sync.ttl(keys.result(i)) <= 60 for i in collected),
+            30,
+            "collected results shortened",
+        )
     finally:
         sync.close()
     assert pool.process.poll() is None

@@ -209,7 +209,7 @@ def test_status_reports_queues_and_workers(
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
-    assert set(report["models"]) == {"mlp", "cnn", "seq"}
+    assert set(report["models"]) == {"mlp", "cnn", "seq", "encoder"}
     assert report["models"]["mlp"]["dead_letters"] == 1
     assert report["models"]["cnn"]["queued"] == 0
     assert sorted(w["device"] for w in report["workers"]) == ["cpu:0", "cpu:1"]

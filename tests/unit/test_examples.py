@@ -130,3 +130,34 @@ def test_seq_pooled_is_the_mean_over_real_tokens(models_dir: Path) -> None:
     assert torch.allclose(out["pooled"][1], (one + seven) / 2, atol=1e-6)
     assert not torch.allclose(one, seven)
     assert torch.equal(out["pooled"][2], torch.zeros(16))  # all padding: zeros, not NaN
+
+
+def test_encoder_padding_changes_nothing_and_the_mask_decides(models_dir: Path) -> None:
+    """Padded with pad_value 0 on both inputs (as the worker pads), each row's
+    embedding equals the row alone; tokens the mask hides change nothing."""
+    config = SETTINGS.model("encoder")
+    assert [t.pad_value for t in config.inputs] == [0, 0]
+    module = _load(models_dir, config)
+    gen = torch.Generator().manual_seed(3)
+    lengths = [3, 40, 17, 1, 40]
+    rows = [torch.randint(1, 8192, (n,), generator=gen) for n in lengths]
+    ids = torch.zeros((len(rows), max(lengths)), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    batched = _forward(module, config, [ids, mask])["embedding"]
+    assert batched.shape == (len(rows), 64)
+    for i, row in enumerate(rows):
+        alone = _forward(
+            module, config, [row.unsqueeze(0), torch.ones((1, len(row)), dtype=torch.int64)]
+        )
+        assert torch.allclose(batched[i], alone["embedding"][0], atol=1e-5), i
+    hidden = ids.clone()
+    hidden[0, 3:] = 77  # not padding tokens any more, but masked out
+    again = _forward(module, config, [hidden, mask])["embedding"]
+    assert torch.allclose(again[0], batched[0], atol=1e-5)
+    assert not torch.allclose(batched[0], batched[2], atol=1e-3)
+    assert torch.isfinite(
+        _forward(module, config, [ids[:1], torch.zeros_like(ids[:1])])["embedding"]
+    ).all()

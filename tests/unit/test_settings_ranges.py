@@ -40,6 +40,12 @@ def refusal(**kwargs: object) -> str:
 # (variable, value, the setting as named, what is allowed) -- the cases first
 ENV_CASES = [
     ("TQ_REDIS_RESULT_TTL_S", "0", "[redis] result_ttl_s", "an integer >= 1"),
+    (
+        "TQ_REDIS_COLLECTED_RESULT_TTL_S",
+        "-1",
+        "[redis] collected_result_ttl_s",
+        "an integer >= 0",
+    ),
     ("TQ_WORKER_BLOCK_MS", "-5", "[worker] block_ms", "an integer from 1 to 60000"),
     ("TQ_WORKER_CLAIM_IDLE_MS", "-1", "[worker] claim_idle_ms", "an integer >= 100"),
     ("TQ_WORKER_BATCH_POLICY", "bogus", "[worker] batch_policy", "one of '', 'fixed', 'adaptive'"),

@@ -138,6 +138,7 @@ def test_old_buckets_roll_off_after_a_minute() -> None:
     clock.now += BUCKET_S * BUCKETS  # a quiet minute
     assert stats.last_minute()["mlp"] == {
         "rows_per_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "spark": [0] * 12,
+        "real_elements": 0, "padding_share": 1.0,
     }  # fmt: skip
     assert stats.rows == 14  # the totals stay
 
@@ -169,3 +170,16 @@ def test_the_structure_stays_the_same_size_however_many_records() -> None:
     assert stats.requests == 200_001
     # what the last minute holds is about a minute of them
     assert sum(stats.last_minute()["mlp"]["spark"]) == pytest.approx(60 / 0.0006, rel=0.1)
+
+
+def test_padding_share_over_the_last_minute() -> None:
+    clock = Clock(now=BUCKET_S * 3000)
+    stats = Stats(clock=clock)
+    stats.record_batch("seq", [BatchPart(4, 4, 1.0)], 1.0, 0, padded=300, real=200)
+    clock.now += BUCKET_S
+    stats.record_batch("seq", [BatchPart(4, 4, 1.0)], 1.0, 0, padded=100, real=100)
+    minute = stats.last_minute()["seq"]
+    assert (minute["padding_share"], minute["real_elements"]) == (round(400 / 300, 3), 300)
+    clock.now += BUCKET_S * (BUCKETS - 1)  # the first batch's bucket has gone
+    assert stats.last_minute()["seq"]["padding_share"] == 1.0
+    assert stats.last_minute()["seq"]["real_elements"] == 100

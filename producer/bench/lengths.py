@@ -1,0 +1,206 @@
+"""``tensorq bench`` for a model with a variable input axis: the mixed-length
+workload. One-row requests with lengths uniform in ``--lengths LOW,HIGH``
+are all submitted at once (``submit_many``), then every result is awaited;
+the same requests run in-process on the model in batches of
+``max_batch_size``, once in arrival order and once sorted by length (the
+best a batcher could do knowing every request in advance), in the same run.
+Each prints requests/s and its padding share: elements computed on the
+variable axis over the requests' own (1.0: no padding).
+
+``run_orders`` is the in-process side; it runs in its own process
+(``python -m producer.bench.reference lengths``), so the producer never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from common.aio import run
+from common.codec import WIRE_DTYPES
+from common.devices import parse_devices
+from common.runtime_env import MALLOC_ENV
+from common.settings import Settings
+from common.spec import ModelSpec, TensorSpec
+from producer.bench.loadgen import random_inputs
+from producer.bench.reference import per_slot
+from producer.client import AsyncClient, Submission
+from producer.ops.stack import ensure_example_models, local_stack
+
+SEED = 0
+DEFAULT_REQUESTS = 2000
+
+
+def mixed_lengths(count: int, low: int, high: int, seed: int = SEED) -> list[int]:
+    return [int(n) for n in np.random.default_rng(seed).integers(low, high + 1, count)]
+
+
+def mixed_payloads(
+    inputs: Sequence[TensorSpec], lengths: Sequence[int], seed: int = SEED
+) -> list[dict[str, np.ndarray[Any, Any]]]:
+    """One one-row request per length (the same arrays for the same seed)."""
+    rng = np.random.default_rng(seed + 1)
+    return [random_inputs(inputs, 1, rng, length=n) for n in lengths]
+
+
+def padding_share(batches: Sequence[Sequence[int]]) -> float:
+    """Elements computed over real ones for batches of these one-row lengths."""
+    real = sum(sum(b) for b in batches)
+    return sum(len(b) * max(b) for b in batches) / real if real else 1.0
+
+
+def run_length_bench(args: argparse.Namespace, settings: Settings) -> int:
+    settings = settings.replace(worker=replace(settings.worker, threads=args.threads))
+    ensure_example_models(settings)
+    model = settings.model(args.model)
+    slots = parse_devices(args.devices, threads=args.threads)
+    low, high = args.lengths
+    lengths = mixed_lengths(args.requests or DEFAULT_REQUESTS, low, high)
+    env = {**MALLOC_ENV, "TQ_WORKER_THREADS": str(args.threads)}
+    print(
+        f"tensorq bench: model {model.name}, {len(lengths)} one-row requests, lengths "
+        f"{low}..{high} uniform, max_batch_size {model.max_batch_size}, group_by_length "
+        f"{'on' if model.group_by_length else 'off'}, devices {args.devices} "
+        f"({len(slots)} worker(s) x {args.threads} thread(s))",
+        flush=True,
+    )
+    with local_stack(settings, devices=args.devices, extra_env=env) as stack:
+        os.nice(args.producer_nice)  # the load generator yields to the pool (see pool.py)
+        figures = run(_measure(stack.redis_url, settings, model.name, lengths))
+    verb = ["lengths", "--model", str(model.path), "--spec", figures.pop("spec_json"),
+            "--lengths", ",".join(map(str, lengths))]  # fmt: skip
+    references = per_slot(verb, args.threads, slots)
+    for order in ("arrival", "sorted"):
+        figures[f"{order}_items_per_s"] = sum(r[order]["items_per_s"] for r in references)
+        figures[f"{order}_padding_share"] = references[0][order]["padding_share"]
+    _report(figures)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    return 0
+
+
+async def _measure(
+    url: str, settings: Settings, model: str, lengths: Sequence[int]
+) -> dict[str, Any]:
+    async with AsyncClient(url, settings=settings) as client:
+        spec = await client.spec(model)
+        payloads = mixed_payloads(spec.inputs, lengths)
+        warm = mixed_payloads(spec.inputs, lengths[: 2 * spec.max_batch_size], seed=SEED + 7)
+        await _burst(client, model, warm)
+        start = time.perf_counter()
+        results = await _burst(client, model, payloads)
+        elapsed = time.perf_counter() - start
+    batches: dict[tuple[str, float], list[int]] = defaultdict(list)
+    for length, result in zip(lengths, results, strict=True):
+        batches[(result.worker, result.infer_ms)].append(length)  # a batch shares both
+    workers = len({worker for worker, _ in batches}) or 1
+    return {
+        "model": model,
+        "requests": len(lengths),
+        "items_per_s": len(lengths) / elapsed,
+        # the share of the run each worker's compute thread spent in forward
+        "compute_busy": sum(ms for _, ms in batches) / 1000 / elapsed / workers,
+        "padding_share": padding_share(list(batches.values())),
+        "mean_batch_rows": float(np.mean([r.batch_size for r in results])),
+        "spec_json": spec.to_json(),
+    }
+
+
+async def _burst(client: AsyncClient, model: str, payloads: Sequence[Any]) -> list[Any]:
+    ids = await client.submit_many([Submission(model, p, store=False) for p in payloads])
+    results = [await client.wait(i, timeout=600) for i in ids]
+    failed = [r for r in results if r.status != "ok"]
+    if failed:
+        raise SystemExit(f"tensorq bench: {len(failed)} requests failed: {failed[0].error_message}")
+    return results
+
+
+def _report(f: dict[str, Any]) -> None:
+    print(
+        f"  tensorq (submit_many, then wait)   {f['items_per_s']:>8,.1f} requests/s   padding "
+        f"{f['padding_share']:.2f}x   mean batch {f['mean_batch_rows']:.1f} rows   "
+        f"forward busy {f['compute_busy']:.2f} of the run\n"
+        f"  in-process, arrival order          {f['arrival_items_per_s']:>8,.1f} requests/s   "
+        f"padding {f['arrival_padding_share']:.2f}x   "
+        f"tensorq/arrival = {f['items_per_s'] / f['arrival_items_per_s']:.2f}\n"
+        f"  in-process, sorted by length       {f['sorted_items_per_s']:>8,.1f} requests/s   "
+        f"padding {f['sorted_padding_share']:.2f}x   "
+        f"tensorq/sorted = {f['items_per_s'] / f['sorted_items_per_s']:.2f}",
+        flush=True,
+    )
+    f["ratio_arrival"] = f["items_per_s"] / f["arrival_items_per_s"]
+    f["ratio_sorted"] = f["items_per_s"] / f["sorted_items_per_s"]
+
+
+# -- the in-process side (its own process) -----------------------------------
+
+
+def padded_batch(
+    spec: ModelSpec, members: Sequence[dict[str, np.ndarray[Any, Any]]]
+) -> list[np.ndarray[Any, Any]]:
+    """The members stacked, each variable axis padded with its pad value."""
+    arrays = []
+    for tensor in spec.inputs:
+        parts = [m[tensor.name] for m in members]
+        longest = tuple(max(p.shape[1 + i] for p in parts) for i in range(len(tensor.shape)))
+        out = np.full((len(parts), *longest), tensor.pad_value, dtype=WIRE_DTYPES[tensor.dtype])
+        for row, part in enumerate(parts):
+            out[(slice(row, row + 1), *map(slice, part.shape[1:]))] = part
+        arrays.append(out)
+    return arrays
+
+
+def run_orders(
+    model_path: str, spec_json: str, lengths: Sequence[int], threads: int, device: str
+) -> dict[str, dict[str, float]]:
+    """The requests in batches of max_batch_size, in arrival order and sorted
+    by length (inputs padded before the clock starts); best of two runs each."""
+    import torch
+
+    torch.set_num_threads(threads)
+    spec = ModelSpec.from_json(spec_json)
+    module = torch.jit.load(model_path, map_location=device)  # type: ignore[no-untyped-call]
+    module.eval()
+    payloads = mixed_payloads(spec.inputs, lengths)
+    size = spec.max_batch_size
+    orders = {
+        "arrival": list(range(len(lengths))),
+        "sorted": sorted(range(len(lengths)), key=lengths.__getitem__),
+    }
+    prepared = {}
+    shares = {}
+    for name, order in orders.items():
+        groups = [order[i : i + size] for i in range(0, len(order), size)]
+        shares[name] = padding_share([[lengths[i] for i in g] for g in groups])
+        prepared[name] = [
+            [torch.from_numpy(a) for a in padded_batch(spec, [payloads[i] for i in g])]
+            for g in groups
+        ]
+
+    def once(batches: list[list[torch.Tensor]]) -> float:
+        start = time.perf_counter()
+        for inputs in batches:
+            out = module(*(t.to(device) for t in inputs))
+            for tensor in out if isinstance(out, tuple | list) else [out]:
+                tensor.cpu()  # the worker copies every output back
+        return time.perf_counter() - start
+
+    best = dict.fromkeys(orders, float("inf"))
+    with torch.inference_mode():
+        once(prepared["arrival"][:2])  # warm-up
+        for _ in range(2):  # alternated, so that drift hits both alike
+            for name in orders:
+                best[name] = min(best[name], once(prepared[name]))
+    return {
+        name: {"items_per_s": len(lengths) / best[name], "padding_share": shares[name]}
+        for name in orders
+    }
