@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from common.records import now_ms
+from worker.grouping import padding_share
 from worker.metrics import WorkerMetrics
 
 BUCKET_S = 5.0
@@ -114,7 +115,7 @@ class LatencyWindow:
             "spark": spark,
             # variable-axis models: input elements requested, and computed with padding over them
             "real_elements": real,
-            "padding_share": round(padded / real, 3) if real else 1.0,
+            "padding_share": round(padding_share(padded, real), 3),
         }
 
 
