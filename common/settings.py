@@ -296,7 +296,7 @@ class ModelConfig:
     # a model with a variable input axis batches requests of similar length (worker/grouping.py)
     group_by_length: bool = setting(True, Allowed())
     # batches a request may be left out of for younger ones before it goes in whatever its length
-    max_passed_over: int = setting(4, at_least(0))
+    max_passed_over: int = setting(8, at_least(0))
 
     def __post_init__(self) -> None:
         _check_fields(self, f"[[models]] {self.name!r} ")

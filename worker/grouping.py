@@ -26,9 +26,13 @@ The rule:
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Column = np.ndarray[Any, Any]
 
 
 @dataclass(frozen=True)
@@ -41,65 +45,97 @@ class Candidate:
     joinable: bool = True  # False: a redelivered request, which runs alone
 
 
-def batch_order(candidates: Sequence[Candidate], max_rows: int) -> list[int]:
-    """Indices into ``candidates`` (arrival order, the oldest first) in the
+@dataclass(frozen=True)
+class BacklogColumns:
+    """A backlog's parcels as columns, in arrival order (the oldest first):
+    the scheduler builds these in one pass per batch, so the choice costs a
+    few numpy calls rather than Python work per parcel."""
+
+    sizes: Column  # int64: elements of one row, all inputs together
+    rows: Column  # int64
+    forced: Column  # bool: passed over too often, or its deadline is near
+    joinable: Column  # bool: False for a redelivered request, which runs alone
+
+    @classmethod
+    def of(cls, candidates: Sequence[Candidate]) -> BacklogColumns:
+        return cls(
+            np.array([c.size for c in candidates], dtype=np.int64),
+            np.array([c.rows for c in candidates], dtype=np.int64),
+            np.array([c.forced for c in candidates], dtype=bool),
+            np.array([c.joinable for c in candidates], dtype=bool),
+        )
+
+
+def batch_order(backlog: BacklogColumns | Sequence[Candidate], max_rows: int) -> list[int]:
+    """Indices into the backlog (arrival order, the oldest first) in the
     order the next batch should take them; enough for ``max_rows`` rows
     when the backlog holds them."""
-    if not candidates:
+    if not isinstance(backlog, BacklogColumns):
+        backlog = BacklogColumns.of(backlog)
+    sizes, rows = backlog.sizes, backlog.rows
+    if not len(sizes):
         return []
-    forced = [0] + [i for i in range(1, len(candidates)) if candidates[i].forced]
-    forced_rows = sum(candidates[i].rows for i in forced)
+    is_forced = backlog.forced.copy()
+    is_forced[0] = True
+    forced = np.flatnonzero(is_forced)
+    forced_rows = int(rows[forced].sum())
     room = max_rows - forced_rows
-    taken = set(forced)
-    free = sorted(
-        (c.size, i)
-        for i, c in enumerate(candidates)
-        if i not in taken and c.joinable
-    )  # fmt: skip
-    if room <= 0 or not free:
-        return forced
-    longest = max(candidates[i].size for i in forced)
-    real = sum(candidates[i].size * candidates[i].rows for i in forced)
+    free = np.flatnonzero(backlog.joinable & ~is_forced)  # ascending: arrival order
+    if room <= 0 or not len(free):
+        return [int(i) for i in forced]
+    free = free[np.argsort(sizes[free], kind="stable")]  # size order, ties oldest first
+    free_sizes = sizes[free]
+    longest = int(sizes[forced].max())
+    forced_real = int((sizes[forced] * rows[forced]).sum())
     # prefix sums over the size-sorted free parcels: rows and real elements
-    rows_upto = [0]
-    real_upto = [0]
-    for size, i in free:
-        rows_upto.append(rows_upto[-1] + candidates[i].rows)
-        real_upto.append(real_upto[-1] + size * candidates[i].rows)
-    if free[0][0] == free[-1][0]:
+    rows_upto = np.concatenate(([0], np.cumsum(rows[free])))
+    real_upto = np.concatenate(([0], np.cumsum(free_sizes * rows[free])))
+    if free_sizes[0] == free_sizes[-1]:
         start = 0  # all alike: every run wastes the same, the first is the oldest
     else:
-        start = _least_waste(free, rows_upto, real_upto, room, forced_rows, longest, real)
-    end = min(len(free), bisect.bisect_left(rows_upto, rows_upto[start] + room, lo=start + 1))
-    pivot = candidates[0].size
-    run = sorted(free[start:end], key=lambda p: (abs(p[0] - pivot), p[1]))
-    return forced + [i for _, i in run]
+        start = _least_waste(free, free_sizes, rows_upto, real_upto, room, forced_rows,
+                             longest, forced_real)  # fmt: skip
+    end = _run_end(rows_upto, start, room)
+    run = free[start:end]
+    nearness = np.abs(sizes[run] - sizes[0])
+    run = run[np.lexsort((run, nearness))]  # nearest to the oldest first, then the oldest
+    return [int(i) for i in forced] + [int(i) for i in run]
+
+
+def _run_end(rows_upto: Column, start: int, room: int) -> int:
+    """The end (exclusive) of the run from ``start`` that fills ``room`` rows:
+    whole parcels, at least one."""
+    end = int(np.searchsorted(rows_upto, rows_upto[start] + room, side="left"))
+    return max(start + 1, min(len(rows_upto) - 1, end))
 
 
 def _least_waste(
-    free: Sequence[tuple[int, int]],
-    rows_upto: Sequence[int],
-    real_upto: Sequence[int],
+    free: Column,
+    free_sizes: Column,
+    rows_upto: Column,
+    real_upto: Column,
     room: int,
     forced_rows: int,
     longest: int,
     forced_real: int,
 ) -> int:
     """The start, in ``free`` (size order), of the run that fills ``room``
-    rows wasting the fewest padded elements; among equals the oldest run."""
-    best_waste, best_start, best_oldest = -1, 0, 0
-    for start in range(len(free)):
-        end = min(len(free), bisect.bisect_left(rows_upto, rows_upto[start] + room, lo=start + 1))
-        rows = forced_rows + rows_upto[end] - rows_upto[start]
-        pad_to = max(longest, free[end - 1][0])
-        waste = rows * pad_to - forced_real - (real_upto[end] - real_upto[start])
-        if best_waste < 0 or waste <= best_waste:
-            oldest = min(i for _, i in free[start:end])
-            if best_waste < 0 or waste < best_waste or oldest < best_oldest:
-                best_waste, best_start, best_oldest = waste, start, oldest
-        if end == len(free):
-            break  # later starts only hold fewer rows
-    return best_start
+    rows wasting the fewest padded elements; among equals the oldest run
+    (the one holding the oldest parcel)."""
+    count = len(free)
+    ends = np.searchsorted(rows_upto, rows_upto[:-1] + room, side="left")
+    ends = np.maximum(np.arange(1, count + 1), np.minimum(count, ends))
+    # a start after the first run reaching the end only holds fewer rows
+    last = int(np.argmax(ends == count))
+    starts = np.arange(last + 1)
+    ends = ends[: last + 1]
+    held = forced_rows + rows_upto[ends] - rows_upto[starts]
+    pad_to = np.maximum(longest, free_sizes[ends - 1])
+    waste = held * pad_to - forced_real - (real_upto[ends] - real_upto[starts])
+    tied = np.flatnonzero(waste == waste.min())
+    if len(tied) == 1:
+        return int(tied[0])
+    return int(min(tied, key=lambda s: (int(free[s : ends[s]].min()), int(s))))
 
 
 def padding_share(padded: int, real: int) -> float:

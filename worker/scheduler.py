@@ -33,6 +33,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from common.aio import wait_any
 from common.envelope import Result
 from common.keys import NORMAL
@@ -40,7 +42,7 @@ from common.records import now_ms
 from common.spec import PaddedSize
 from worker.control import ControlFeed
 from worker.executor import BatchRun, Executor
-from worker.grouping import Candidate, batch_order
+from worker.grouping import BacklogColumns, batch_order
 from worker.registry import LoadedModel
 from worker.served import ServedModels
 from worker.stats import BatchPart, Stats
@@ -49,7 +51,11 @@ from worker.work import Accepted, Batch, Outcome, Stream
 from worker.writer import Writer
 
 READ_AHEAD_BATCHES = 2  # a reader pauses while its backlog holds this many batches
-GROUPING_READ_AHEAD_BATCHES = 8  # the same for a model grouping requests by length
+# A model grouping by length reads this many times max_passed_over batches
+# ahead: a request passed over the most times has had that many batches'
+# worth of lengths to be matched with (measured: twice gives padding near
+# that of sorting the whole backlog, README "Variable lengths").
+GROUPING_READ_AHEAD_PER_PASS = 2
 
 
 @dataclass
@@ -173,7 +179,9 @@ class Scheduler:
         """Rows a backlog holds before its reader pauses: more when batches
         are formed by length, so there are lengths to choose among."""
         model = self._served[backlog.stream.model]
-        depth = GROUPING_READ_AHEAD_BATCHES if _groups_by_length(model) else READ_AHEAD_BATCHES
+        depth = READ_AHEAD_BATCHES
+        if _groups_by_length(model):
+            depth = max(depth, GROUPING_READ_AHEAD_PER_PASS * model.config.max_passed_over)
         return depth * model.spec.max_batch_size
 
     def _take(self, backlog: _Backlog) -> list[Accepted]:
@@ -210,26 +218,29 @@ class Scheduler:
         passed = backlog.passed
         bound = model.config.max_passed_over
         near = now_ms() + (bound + 1) * backlog.window.batch_ms()  # deadlines the bound could miss
+        count = len(items)
+        sizes = np.empty(count, dtype=np.int64)
+        rows = np.empty(count, dtype=np.int64)
+        forced = np.zeros(count, dtype=bool)
+        joinable = np.ones(count, dtype=bool)
+        for i, p in enumerate(items):
+            sizes[i] = p.row_size
+            rows[i] = p.rows
+            if p.redelivered:
+                joinable[i] = False
+            elif passed.get(p.ids[0], 0) >= bound or (p.earliest_deadline or near) < near:
+                forced[i] = True
         order = batch_order(
-            [
-                Candidate(
-                    p.row_size, p.rows,
-                    not p.redelivered and (passed.get(p.ids[0], 0) >= bound
-                                           or (p.earliest_deadline or near) < near),
-                    not p.redelivered,
-                )
-                for p in items
-            ],
-            model.spec.max_batch_size,
-        )  # fmt: skip
+            BacklogColumns(sizes, rows, forced, joinable), model.spec.max_batch_size
+        )
         taken, rest = self._fill(model, [items[i] for i in order])
         chosen = order[: len(taken)]
         gone = set(chosen)
         # passed over: left out of a batch that arrival order would have put it in
         turn = 0
-        rows = 0
-        while turn < len(items) and rows + items[turn].rows <= model.spec.max_batch_size:
-            rows += items[turn].rows
+        head_rows = 0
+        while turn < len(items) and head_rows + items[turn].rows <= model.spec.max_batch_size:
+            head_rows += items[turn].rows
             turn += 1
         kept: deque[Accepted] = deque()
         for i, parcel in enumerate(items):

@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths.add_argument("--model", required=True)
     lengths.add_argument("--spec", required=True)
     lengths.add_argument("--lengths", required=True, help="comma-separated, one per request")
+    lengths.add_argument("--batches", default="", help="request indices: 0,3;1,2;...")
     lengths.add_argument("--threads", type=int, required=True)
     lengths.add_argument("--device", default="cpu")
     bare = verbs.add_parser("bare")
@@ -183,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         from producer.bench.lengths import run_orders
 
         order_lengths = [int(n) for n in args.lengths.split(",")]
-        figures = run_orders(args.model, args.spec, order_lengths, args.threads, args.device)
+        formed = [[int(i) for i in b.split(",")] for b in args.batches.split(";") if b]
+        figures = run_orders(
+            args.model, args.spec, order_lengths, args.threads, args.device, formed
+        )
         print(json.dumps(figures))
     else:
         run_bare_consumer(args.redis, args.stream, args.count)

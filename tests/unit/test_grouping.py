@@ -19,7 +19,7 @@ from tests.unit.test_worker_parts import (
     scheduler_for,
     small_model,
 )
-from worker.grouping import Candidate, batch_order, padding_share
+from worker.grouping import BacklogColumns, Candidate, batch_order, padding_share
 from worker.registry import LoadedModel
 from worker.scheduler import Scheduler
 from worker.work import Accepted, Stream
@@ -214,3 +214,72 @@ async def test_pass_over_counts_do_not_outlive_their_requests() -> None:
     while scheduler._backlogs[NORMAL_STREAM.queue].items:
         take(scheduler)
     assert scheduler._backlogs[NORMAL_STREAM.queue].passed == {}
+
+
+@pytest.mark.parametrize(("bound", "on", "batches"), [(8, True, 16), (1, True, 2), (8, False, 2)])
+async def test_a_grouping_model_reads_ahead_twice_its_bound(
+    bound: int, on: bool, batches: int
+) -> None:
+    """The reader pauses at 2 x max_passed_over batches (at least the usual 2)
+    for a model grouping by length: a request passed over the most times has
+    had that many batches of lengths to be matched with."""
+    model = variable_model(
+        Shapes(lambda x: x), max_batch_size=4, max_passed_over=bound, group_by_length=on
+    )
+    scheduler = scheduler_for(model, RecordingWriter())
+    assert scheduler.room(NORMAL_STREAM) == batches * 4
+    scheduler.add(NORMAL_STREAM, [request(NORMAL_STREAM, f"r{i}", 5) for i in range(3)])
+    assert scheduler.room(NORMAL_STREAM) == batches * 4 - 3
+
+
+def _batch_order_by_parcel(candidates: list[Candidate], max_rows: int) -> list[int]:
+    """The rule of worker/grouping.py written parcel by parcel, as plainly as
+    it reads in its docstring: the columnar version must pick the same."""
+    forced = [0] + [i for i in range(1, len(candidates)) if candidates[i].forced]
+    room = max_rows - sum(candidates[i].rows for i in forced)
+    free = sorted((c.size, i) for i, c in enumerate(candidates) if i not in forced and c.joinable)
+    if room <= 0 or not free:
+        return forced
+    longest = max(candidates[i].size for i in forced)
+
+    def run_from(start: int) -> list[tuple[int, int]]:
+        """Parcels in size order until they hold ``room`` rows (the last may
+        hold more: the scheduler splits it)."""
+        run, rows = [], 0
+        for size, i in free[start:]:
+            if rows >= room:
+                break
+            run.append((size, i))
+            rows += candidates[i].rows
+        return run
+
+    def waste(run: list[tuple[int, int]]) -> int:
+        members = forced + [i for _, i in run]
+        pad_to = max(longest, run[-1][0])
+        return sum(candidates[i].rows * (pad_to - candidates[i].size) for i in members)
+
+    runs = []
+    for start in range(len(free)):
+        runs.append(run_from(start))
+        if free[start + len(runs[-1]) - 1] == free[-1]:
+            break  # later starts only hold fewer rows
+    best = min(runs, key=lambda r: (waste(r), min(i for _, i in r)))
+    pivot = candidates[0].size
+    return forced + [i for _, i in sorted(best, key=lambda p: (abs(p[0] - pivot), p[1]))]
+
+
+def test_the_columnar_choice_is_the_rule_parcel_by_parcel() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(3000):
+        count = int(rng.integers(1, 40))
+        spread = int(rng.choice([3, 50, 300]))
+        candidates = [
+            Candidate(
+                int(rng.integers(1, spread + 1)), int(rng.choice([1, 1, 2, 5])),
+                bool(rng.random() < 0.1), bool(rng.random() < 0.9),
+            )
+            for _ in range(count)
+        ]  # fmt: skip
+        max_rows = int(rng.choice([1, 4, 8, 32]))
+        expected = _batch_order_by_parcel(candidates, max_rows)
+        assert batch_order(BacklogColumns.of(candidates), max_rows) == expected, candidates
