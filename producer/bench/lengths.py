@@ -45,6 +45,7 @@ ORDERS = ("arrival", "sorted", "tensorq")
 # Each side's figure is the best of this many runs over the same requests,
 # the pool's and the in-process ones taking turns (this machine's speed drifts).
 ROUNDS = 5
+IDLE_REQUESTS = 100  # after each burst, one at a time
 
 
 def mixed_lengths(count: int, low: int, high: int, seed: int = SEED) -> list[int]:
@@ -119,6 +120,11 @@ async def _measure(
         start = time.perf_counter()
         results = await _burst(client, model, payloads)
         elapsed = time.perf_counter() - start
+        idle = []  # one request at a time: what the pool adds to a lone forward
+        for payload in payloads[:IDLE_REQUESTS]:
+            t0 = time.perf_counter()
+            result = await client.wait(await client.submit(model, payload))
+            idle.append((time.perf_counter() - t0) * 1000 - result.infer_ms)
     batches: dict[tuple[str, float], list[int]] = defaultdict(list)  # request indices
     for index, result in enumerate(results):
         batches[(result.worker, result.infer_ms)].append(index)  # a batch shares both
@@ -132,6 +138,8 @@ async def _measure(
         "padding_share": padding_share([[lengths[i] for i in b] for b in batches.values()]),
         "batches": list(batches.values()),
         "mean_batch_rows": float(np.mean([r.batch_size for r in results])),
+        "idle_overhead_p50_ms": float(np.percentile(idle, 50)),
+        "idle_overhead_p99_ms": float(np.percentile(idle, 99)),
         "spec_json": spec.to_json(),
     }
 
@@ -150,6 +158,8 @@ def _report(f: dict[str, Any]) -> None:
         f"  tensorq (submit_many, then wait)   {f['items_per_s']:>8,.1f} requests/s   padding "
         f"{f['padding_share']:.2f}x   mean batch {f['mean_batch_rows']:.1f} rows   "
         f"forward busy {f['compute_busy']:.2f} of the run\n"
+        f"  idle single request                overhead over compute p50 "
+        f"{f['idle_overhead_p50_ms']:.2f} ms, p99 {f['idle_overhead_p99_ms']:.2f} ms\n"
         f"  in-process, arrival order          {f['arrival_items_per_s']:>8,.1f} requests/s   "
         f"padding {f['arrival_padding_share']:.2f}x   "
         f"tensorq/arrival = {f['items_per_s'] / f['arrival_items_per_s']:.2f}\n"

@@ -6,9 +6,10 @@ python -m producer.bench.reference inprocess --model F --spec JSON --batch B --t
     On a GPU each call copies its inputs from pinned host memory to the
     device and its outputs back, as the worker does.
 python -m producer.bench.reference lengths --model F --spec JSON --lengths 8,200,...
-        --threads T --device D
+        [--batches 0,3;1,2;...] --threads T --device D
     the mixed-length reference (producer.bench.lengths): the same requests
-    in batches of max_batch_size, in arrival order and sorted by length;
+    in batches of max_batch_size, in arrival order and sorted by length,
+    and (--batches, request indices) in the batches the pool formed;
     prints requests/s and the padding share of each.
 python -m producer.bench.reference bare --redis URL --stream K --count N
     the bare transport consumer: XREADGROUP COUNT 256 -> pipelined SET + XACK,
