@@ -37,7 +37,8 @@ Column = np.ndarray[Any, Any]
 
 @dataclass(frozen=True)
 class Candidate:
-    """One parcel of the backlog, in arrival order."""
+    """One parcel of the backlog as a row: the readable way to write a
+    backlog down (``BacklogColumns.of``), as the tests do."""
 
     size: int  # elements of one row, all inputs together
     rows: int
@@ -66,12 +67,10 @@ class BacklogColumns:
         )
 
 
-def batch_order(backlog: BacklogColumns | Sequence[Candidate], max_rows: int) -> list[int]:
+def batch_order(backlog: BacklogColumns, max_rows: int) -> list[int]:
     """Indices into the backlog (arrival order, the oldest first) in the
     order the next batch should take them; enough for ``max_rows`` rows
     when the backlog holds them."""
-    if not isinstance(backlog, BacklogColumns):
-        backlog = BacklogColumns.of(backlog)
     sizes, rows = backlog.sizes, backlog.rows
     if not len(sizes):
         return []

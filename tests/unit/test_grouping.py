@@ -25,8 +25,8 @@ from worker.scheduler import Scheduler
 from worker.work import Accepted, Stream
 
 
-def sized(*sizes: int, forced: tuple[int, ...] = ()) -> list[Candidate]:
-    return [Candidate(s, 1, i in forced) for i, s in enumerate(sizes)]
+def sized(*sizes: int, forced: tuple[int, ...] = ()) -> BacklogColumns:
+    return BacklogColumns.of([Candidate(s, 1, i in forced) for i, s in enumerate(sizes)])
 
 
 def test_the_oldest_goes_first_with_the_nearest_lengths() -> None:
@@ -48,7 +48,7 @@ def test_forced_requests_join_whatever_their_length() -> None:
 def test_a_request_that_runs_alone_is_never_picked_to_join() -> None:
     candidates = [Candidate(50, 1, False), Candidate(50, 1, False, joinable=False)]
     candidates += [Candidate(90, 1, False)]
-    assert batch_order(candidates, 2) == [0, 2]
+    assert batch_order(BacklogColumns.of(candidates), 2) == [0, 2]
 
 
 def test_the_least_wasteful_run_is_chosen() -> None:
