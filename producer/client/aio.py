@@ -200,7 +200,9 @@ class AsyncClient:
         return ids[0]
 
     async def submit_many(self, submissions: Sequence[Submission]) -> list[str]:
-        """Validate all, then enqueue all in one pipelined round trip.
+        """Validate all, then enqueue all in one pipelined round trip (two
+        for over twice EARLY_BYTES of input, producer/client/enqueue.py: the
+        first share goes ahead, so workers start on it while the rest is sent).
 
         Each request is enqueued or refused on its own; if any was refused,
         QueueFull names the first refused id and lists the rest in

@@ -64,6 +64,10 @@ class Prepared:
     rows: int
     seq: int | None = None
 
+    @property
+    def input_bytes(self) -> int:
+        return sum(a.nbytes for a in self.request.inputs.values())
+
 
 def wire_arrays(inputs: Mapping[str, Any]) -> dict[str, np.ndarray[Any, Any]]:
     """Numpy arrays or torch tensors (any device) as wire-storage arrays."""

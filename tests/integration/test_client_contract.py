@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ from common.keys import Keys
 from common.records import AcceptedMarker
 from common.spec import ModelSpec, TensorSpec
 from producer import AsyncClient, Submission
+from producer.client.enqueue import EARLY_BYTES, Enqueuer
+from producer.client.submission import Prepared
 from tests.conftest import ROOT, PoolHandle, entry_requests, write_config
 
 KEYS = Keys()
@@ -276,3 +278,48 @@ def test_a_bad_redis_url_is_one_line_from_every_verb(verb: str, url: str, fragme
     assert fragment in lines[0] and "redis+cluster://" in lines[0]
     assert "Traceback" not in done.stderr + done.stdout
     assert "hunter2" not in done.stderr + done.stdout
+
+
+ROW = 1024  # float32 per row: 4 KiB of input per one-row request
+
+
+async def sends_seen(
+    monkeypatch: pytest.MonkeyPatch, redis: aioredis.Redis, queue: str
+) -> list[tuple[int, int]]:
+    """(requests sent, entries already in ``queue``) per enqueue round trip."""
+    seen: list[tuple[int, int]] = []
+    send = Enqueuer._send
+
+    async def spy(self: Enqueuer, prepared: Sequence[Prepared]) -> list[Any]:
+        seen.append((len(prepared), await redis.xlen(queue)))
+        return await send(self, prepared)
+
+    monkeypatch.setattr(Enqueuer, "_send", spy)
+    return seen
+
+
+@pytest.mark.parametrize("early_shares", [3, 2])
+async def test_a_big_submit_many_is_queued_head_first_and_in_order(
+    aredis: aioredis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch, early_shares: int
+) -> None:
+    """Over twice EARLY_BYTES of input: the head is in the stream before the
+    rest is sent (workers start on it); at twice or less: one round trip."""
+    spec = ModelSpec("wide", inputs=(TensorSpec("x", "float32", (ROW,)),),
+                     outputs=(TensorSpec("y", "float32", (ROW,)),), max_batch_size=8)  # fmt: skip
+    await aredis.hset(KEYS.models, "wide", spec.to_json())
+    queue = KEYS.queue("wide")
+    seen = await sends_seen(monkeypatch, aredis, queue)
+    head = EARLY_BYTES // (4 * ROW)
+    count = early_shares * head
+    x = np.zeros((1, ROW), np.float32)
+    async with AsyncClient(redis_url) as client:
+        ids = await client.submit_many(
+            [Submission("wide", {"x": x}, request_id=f"r{i}") for i in range(count)]
+        )
+    if early_shares > 2:
+        assert seen == [(head, 0), (count - head, head // spec.max_batch_size)]
+    else:
+        assert seen == [(count, 0)]
+    queued = [r.id for _, fields in await aredis.xrange(queue)
+              for r in entry_requests(fields[b"req"])]  # fmt: skip
+    assert queued == ids == [f"r{i}" for i in range(count)]
