@@ -144,10 +144,10 @@ class Executor:
     def forward(self, model: LoadedModel, assembled: Assembled) -> Arrays:
         """One forward call on an assembled batch, its outputs checked against
         the declared ones (OutputMismatch: a model error, bisected like one)."""
-        tensors = [
-            _to_torch(a, t.dtype).to(self.device, non_blocking=self.cuda)
-            for a, t in zip(assembled.inputs, model.spec.inputs, strict=True)
-        ]
+        tensors = [_to_torch(a, t.dtype) for a, t in zip(assembled.inputs, model.spec.inputs,
+                                                         strict=True)]  # fmt: skip
+        if self.cuda:  # on CPU .to would be a no-op that still drops and retakes the GIL
+            tensors = [t.to(self.device, non_blocking=True) for t in tensors]
         with torch.inference_mode():
             raw = model.module(*tensors)
         return _outputs_to_numpy(model.spec, raw, assembled.rows, assembled.longest)
@@ -224,11 +224,15 @@ def _outputs_to_numpy(spec: ModelSpec, raw: Any, rows: int, longest: int) -> Arr
                 f"model {spec.name!r} output {tensor.name!r}: {type(value).__name__}, not a tensor"
             )
         check_output(spec.name, tensor, value.shape, rows, longest)
-        value = value.detach()
+        # Each torch call drops the GIL and waits to retake it from the busy
+        # event loop: only the calls that change something are made.
+        if value.requires_grad:
+            value = value.detach()
         want = _TORCH_DTYPES[tensor.dtype]
         if value.dtype != want:
             value = value.to(want)
-        value = value.cpu()
+        if value.device.type != "cpu":
+            value = value.cpu()
         if tensor.dtype == "bfloat16":
             arrays[tensor.name] = value.view(torch.int16).numpy().view(WIRE_DTYPES["bfloat16"])
         else:

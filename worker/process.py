@@ -21,6 +21,15 @@ from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The compute thread drops the GIL inside every torch call (forward, and the
+# few calls around it) and must get it back from the event-loop thread, which
+# holds it until the switch interval forces it to let go. Python's default
+# 5 ms would idle the device between batches; 0.5 ms still had the encoder's
+# forward take 1.06-1.14x its CPU time in the pool (1.02-1.03x at 0.1 ms,
+# which took the encoder bench from 0.80-0.86 to 0.90 of the in-process
+# sorted reference, alternated; README "Variable lengths").
+GIL_SWITCH_INTERVAL_S = 0.0001
+
 EXIT_FATAL = 3  # configuration errors: restarting would fail the same way
 
 
@@ -37,10 +46,7 @@ def worker_main(
     configure_logging(*logging_setup, process_name=name)
     import uvloop
 
-    # The compute thread drops the GIL inside forward and must get it back
-    # quickly when forward returns; the default 5 ms switch interval lets the
-    # event-loop thread hold it long enough to idle the device between batches.
-    sys.setswitchinterval(0.0005)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         uvloop.run(_serve(slot, settings, name, ready))
     except (ConfigError, RedisUnavailable) as exc:
