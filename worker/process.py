@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 # few calls around it) and must get it back from the event-loop thread, which
 # holds it until the switch interval forces it to let go. Python's default
 # 5 ms would idle the device between batches; 0.5 ms still had the encoder's
-# forward take 1.06-1.14x its CPU time in the pool (1.02-1.03x at 0.1 ms,
-# which took the encoder bench from 0.80-0.86 to 0.90 of the in-process
-# sorted reference, alternated; README "Variable lengths").
+# forward take 1.06-1.14x its CPU time in the pool, 1.02-1.03x at 0.1 ms
+# (encoder bench against the in-process sorted reference, alternated: 0.80
+# and 0.86 -> 0.90 and 0.90; README "Variable lengths").
 GIL_SWITCH_INTERVAL_S = 0.0001
 
 EXIT_FATAL = 3  # configuration errors: restarting would fail the same way
