@@ -26,7 +26,9 @@ neither is written: they would lie in other slots than the stream.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Sequence
+from itertools import accumulate
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -250,15 +252,11 @@ def early_first(prepared: Sequence[Prepared]) -> list[Sequence[Prepared]]:
     """``prepared`` as the parts to send one after the other: its first
     EARLY_BYTES of input, then the rest, when it holds over twice that;
     else all of it at once."""
-    total = 0
-    head = None
-    for index, p in enumerate(prepared):
-        total += p.input_bytes
-        if head is None and total >= EARLY_BYTES:
-            head = index + 1
-    if head is None or total <= 2 * EARLY_BYTES or head == len(prepared):
+    upto = list(accumulate(p.input_bytes for p in prepared))
+    if not upto or upto[-1] <= 2 * EARLY_BYTES:
         return [prepared]
-    return [prepared[:head], prepared[head:]]
+    head = bisect_left(upto, EARLY_BYTES) + 1  # the shortest prefix reaching it
+    return [prepared] if head == len(prepared) else [prepared[:head], prepared[head:]]
 
 
 def bundled(group: Sequence[Prepared]) -> list[list[Prepared]]:

@@ -66,6 +66,7 @@ class Prepared:
 
     @property
     def input_bytes(self) -> int:
+        """Bytes of input it carries (what bundles and early sends are sized by)."""
         return sum(a.nbytes for a in self.request.inputs.values())
 
 
