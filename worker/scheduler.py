@@ -217,26 +217,36 @@ class Scheduler:
         items = list(backlog.items)
         passed = backlog.passed
         bound = model.config.max_passed_over
+        # Requests enqueued within one batch window of each other arrived
+        # together (one submit_many, one gateway bundle): none of them has a
+        # claim to go before another, so taking one for its length passes
+        # nobody over; only a later arrival does.
+        together_ms = model.config.max_delay_ms
         near = now_ms() + (bound + 1) * backlog.window.batch_ms()  # deadlines the bound could miss
         count = len(items)
         sizes = np.empty(count, dtype=np.int64)
         rows = np.empty(count, dtype=np.int64)
+        arrived = np.empty(count, dtype=np.float64)
         forced = np.zeros(count, dtype=bool)
         joinable = np.ones(count, dtype=bool)
         for i, p in enumerate(items):
             sizes[i] = p.row_size
             rows[i] = p.rows
+            arrived[i] = p.enqueued_ms
             if p.redelivered:
                 joinable[i] = False
             elif passed.get(p.ids[0], 0) >= bound or (p.earliest_deadline or near) < near:
                 forced[i] = True
+        tied = arrived <= arrived[0] + together_ms
         order = batch_order(
-            BacklogColumns(sizes, rows, forced, joinable), model.spec.max_batch_size
+            BacklogColumns(sizes, rows, forced, joinable, tied), model.spec.max_batch_size
         )
         taken, rest = self._fill(model, [items[i] for i in order])
         chosen = order[: len(taken)]
         gone = set(chosen)
-        # passed over: left out of a batch that arrival order would have put it in
+        latest = float(arrived[chosen].max())
+        # passed over: left out of a batch that arrival order would have put
+        # it in, for a request that arrived after it
         turn = 0
         head_rows = 0
         while turn < len(items) and head_rows + items[turn].rows <= model.spec.max_batch_size:
@@ -246,7 +256,7 @@ class Scheduler:
         for i, parcel in enumerate(items):
             key = parcel.ids[0]
             if i not in gone:
-                if i < turn:
+                if i < turn and latest > arrived[i] + together_ms:
                     passed[key] = passed.get(key, 0) + 1
                 kept.append(parcel)
                 continue

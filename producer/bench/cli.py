@@ -34,6 +34,12 @@ def bench_command(subparsers: Any) -> None:
         metavar="LOW,HIGH",
         help="a variable-length model's request lengths, uniform (default 8,256)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="a variable-length model: pool and in-process runs, taken in turns (default 5)",
+    )
     parser.add_argument("--rows", type=int, default=1, help="rows per request")
     parser.add_argument("--concurrency", type=int, default=64, help="producers for latency")
     parser.add_argument("--devices", default="cpu", help="worker devices (default cpu)")

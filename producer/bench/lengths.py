@@ -6,8 +6,9 @@ the same requests run in-process on the model in batches of
 batcher could do knowing every request in advance), and in the very batches
 the pool formed (so the pool's own cost shows apart from its batching), in
 the same run: pool and in-process runs take turns, each side's best of
-``ROUNDS`` counts. Each prints requests/s and its padding share: elements
-computed on the variable axis over the requests' own (1.0: no padding).
+``--rounds`` (default 5) counts. Each prints requests/s and its padding
+share: elements computed on the variable axis over the requests' own (1.0:
+no padding).
 
 ``run_orders`` is the in-process side; it runs in its own process
 (``python -m producer.bench.reference lengths``), so the producer never
@@ -42,9 +43,6 @@ SEED = 0
 DEFAULT_REQUESTS = 2000
 # in-process orders: arrival, sorted by length, and the batches tensorq formed
 ORDERS = ("arrival", "sorted", "tensorq")
-# Each side's figure is the best of this many runs over the same requests,
-# the pool's and the in-process ones taking turns (this machine's speed drifts).
-ROUNDS = 5
 IDLE_REQUESTS = 100  # after each burst, one at a time
 
 
@@ -84,7 +82,7 @@ def run_length_bench(args: argparse.Namespace, settings: Settings) -> int:
     rounds = []
     with local_stack(settings, devices=args.devices, extra_env=env) as stack:
         os.nice(args.producer_nice)  # the load generator yields to the pool (see pool.py)
-        for _ in range(ROUNDS):  # alternated, so that drift hits both sides alike
+        for _ in range(max(1, args.rounds)):  # alternated: drift hits both sides alike
             pool = run(_measure(stack.redis_url, settings, model.name, lengths))
             own = ";".join(",".join(map(str, b)) for b in pool.pop("batches"))
             verb = ["lengths", "--model", str(model.path), "--spec", pool.pop("spec_json"),
@@ -100,9 +98,11 @@ def run_length_bench(args: argparse.Namespace, settings: Settings) -> int:
         figures[f"{order}_items_per_s"] = sum(r[order]["items_per_s"] for r in best)
         figures[f"{order}_padding_share"] = best[0][order]["padding_share"]
     # each round's pool against the references run right after it
-    figures["round_ratios_sorted"] = sorted(
-        pool["items_per_s"] / sum(r["sorted"]["items_per_s"] for r in refs) for pool, refs in rounds
-    )
+    for order, key in (("sorted", "round_ratios_sorted"), ("tensorq", "round_ratios_own")):
+        figures[key] = sorted(
+            pool["items_per_s"] / sum(r[order]["items_per_s"] for r in refs)
+            for pool, refs in rounds
+        )
     _report(figures)
     if args.json:
         print(json.dumps(figures, indent=2))
@@ -171,7 +171,8 @@ def _report(f: dict[str, Any]) -> None:
         f"tensorq/its batches = {f['items_per_s'] / f['tensorq_items_per_s']:.2f} "
         "(the pool's own cost)\n"
         f"  best of {f['rounds']} rounds each, pool and in-process taking turns; tensorq/sorted "
-        f"round by round: {' '.join(f'{r:.2f}' for r in f['round_ratios_sorted'])}",
+        f"round by round: {' '.join(f'{r:.2f}' for r in f['round_ratios_sorted'])}; "
+        f"tensorq/its batches: {' '.join(f'{r:.2f}' for r in f['round_ratios_own'])}",
         flush=True,
     )
     f["ratio_arrival"] = f["items_per_s"] / f["arrival_items_per_s"]

@@ -57,6 +57,18 @@ def test_the_least_wasteful_run_is_chosen() -> None:
     assert sorted(order[:4]) == [0, 4, 5, 6]
 
 
+def test_requests_that_arrived_together_are_taken_by_length_alone() -> None:
+    """The oldest arrived with others (one submit_many): none of them is
+    forced in, the batch is the least wasteful run holding one of them."""
+    tied = [Candidate(s, 1, False, tied=True) for s in (50, 10, 200, 11, 12)]
+    assert sorted(batch_order(BacklogColumns.of(tied), 3)[:3]) == [1, 3, 4]
+    # a later arrival (not tied) may join, but one of the oldest arrivals goes in
+    later = [Candidate(50, 1, False), Candidate(49, 1, False, tied=True)]
+    later += [Candidate(s, 1, False) for s in (100, 101, 102)]
+    order = batch_order(BacklogColumns.of(later), 3)[:3]
+    assert {0, 1} & set(order) and sorted(order) != [2, 3, 4]
+
+
 def test_padding_share() -> None:
     assert padding_share(150, 100) == 1.5
     assert padding_share(0, 0) == 1.0
@@ -65,9 +77,13 @@ def test_padding_share() -> None:
 # -- through the scheduler ----------------------------------------------------
 
 
-def request(stream: Stream, request_id: str, length: int, **kwargs: object) -> Accepted:
+def request(
+    stream: Stream, request_id: str, length: int, *, at: int = 0, **kwargs: object
+) -> Accepted:
+    """A one-row request of ``length``, enqueued ``at`` ms after now (requests
+    enqueued within the model's max_delay_ms of each other arrived together)."""
     x = np.full((1, length), float(length), np.float32)
-    entry_id = f"{int(now_ms())}-0".encode()
+    entry_id = f"{int(now_ms()) + at}-0".encode()
     return Accepted.single(stream, entry_id, Request(request_id, "m", {"x": x}, **kwargs), 1)  # type: ignore[arg-type]
 
 
@@ -122,8 +138,8 @@ async def test_a_long_request_is_passed_over_at_most_the_bound(bound: int, batch
     )
     old = [10, 100, 200, 300]
     scheduler.add(NORMAL_STREAM, [request(NORMAL_STREAM, f"o{n}", n) for n in old])
-    scheduler.add(NORMAL_STREAM, [request(NORMAL_STREAM, "long", 1000)])
-    young = [request(NORMAL_STREAM, f"y{n}-{k}", n) for n in old for k in range(3)]
+    scheduler.add(NORMAL_STREAM, [request(NORMAL_STREAM, "long", 1000, at=100)])
+    young = [request(NORMAL_STREAM, f"y{n}-{k}", n, at=200) for n in old for k in range(3)]
     scheduler.add(NORMAL_STREAM, young)
     batches = []
     while not batches or "long" not in batches[-1]:
@@ -157,9 +173,9 @@ async def test_a_near_deadline_goes_before_its_length_would_let_it() -> None:
         NORMAL_STREAM,
         [
             request(NORMAL_STREAM, "a", 5),
-            request(NORMAL_STREAM, "b", 6),
-            request(NORMAL_STREAM, "late", 90, deadline_ms=later),
-            request(NORMAL_STREAM, "soon", 90, deadline_ms=soon),
+            request(NORMAL_STREAM, "b", 6, at=100),
+            request(NORMAL_STREAM, "late", 90, at=200, deadline_ms=later),
+            request(NORMAL_STREAM, "soon", 90, at=300, deadline_ms=soon),
         ],
     )
     assert [p.ids[0] for p in take(scheduler)] == ["a", "soon"]
@@ -203,6 +219,33 @@ async def test_light_load_runs_what_is_there_at_once(on: bool) -> None:
     assert [p.ids[0] for p in take(scheduler)] == ["r0", "r1", "r2"]
 
 
+async def test_a_burst_that_arrived_together_is_batched_by_length_passing_nobody_over() -> None:
+    """Requests enqueued together (one submit_many) have no order among
+    themselves: batches follow length alone and no pass-over is counted, so
+    nothing is forced in at the bound; a request that arrives later still
+    counts as passing the burst's requests over."""
+    scheduler = scheduler_for(
+        variable_model(Shapes(lambda x: x), max_batch_size=4, max_passed_over=1),
+        RecordingWriter(),
+    )
+    lengths = [90, 5, 60, 6, 91, 7, 61, 8, 92, 62, 9, 93]
+    scheduler.add(
+        NORMAL_STREAM, [request(NORMAL_STREAM, f"r{i}", n) for i, n in enumerate(lengths)]
+    )
+    backlog = scheduler._backlogs[NORMAL_STREAM.queue]
+    batches = []
+    while backlog.items:
+        batches.append(sorted(int(p.inputs["x"].shape[1]) for p in take(scheduler)))
+        assert backlog.passed == {}
+    assert sorted(batches) == [[5, 6, 7, 8], [9, 60, 61, 62], [90, 91, 92, 93]], batches
+    # a later arrival of the oldest one's length: the burst's others are passed over
+    burst = [request(NORMAL_STREAM, f"b{i}", n) for i, n in enumerate(lengths)]
+    scheduler.add(NORMAL_STREAM, burst)
+    scheduler.add(NORMAL_STREAM, [request(NORMAL_STREAM, f"late{k}", 90, at=100) for k in range(3)])
+    take(scheduler)
+    assert backlog.passed
+
+
 async def test_pass_over_counts_do_not_outlive_their_requests() -> None:
     scheduler = scheduler_for(
         variable_model(Shapes(lambda x: x), max_batch_size=2), RecordingWriter()
@@ -235,12 +278,17 @@ async def test_a_grouping_model_reads_ahead_twice_its_bound(
 def _batch_order_by_parcel(candidates: list[Candidate], max_rows: int) -> list[int]:
     """The rule of worker/grouping.py written parcel by parcel, as plainly as
     it reads in its docstring: the columnar version must pick the same."""
-    forced = [0] + [i for i in range(1, len(candidates)) if candidates[i].forced]
+    forced = [i for i, c in enumerate(candidates) if c.forced]
+    oldest = [i for i, c in enumerate(candidates) if i == 0 or c.tied]
+    anchors = [i for i in oldest if candidates[i].joinable and i not in forced]
+    anchored = any(i in forced for i in oldest)
+    if not anchored and len(anchors) <= 1:  # the oldest arrived alone: it goes in
+        forced, anchored = sorted({0, *forced}), True
     room = max_rows - sum(candidates[i].rows for i in forced)
     free = sorted((c.size, i) for i, c in enumerate(candidates) if i not in forced and c.joinable)
     if room <= 0 or not free:
         return forced
-    longest = max(candidates[i].size for i in forced)
+    longest = max((candidates[i].size for i in forced), default=0)
 
     def run_from(start: int) -> list[tuple[int, int]]:
         """Parcels in size order until they hold ``room`` rows (the last may
@@ -263,8 +311,10 @@ def _batch_order_by_parcel(candidates: list[Candidate], max_rows: int) -> list[i
         runs.append(run_from(start))
         if free[start + len(runs[-1]) - 1] == free[-1]:
             break  # later starts only hold fewer rows
+    if not anchored:  # one of the oldest arrivals must be in it
+        runs = [r for r in runs if any(i in anchors for _, i in r)]
     best = min(runs, key=lambda r: (waste(r), min(i for _, i in r)))
-    pivot = candidates[0].size
+    pivot = candidates[min(forced + [i for _, i in best])].size
     return forced + [i for _, i in sorted(best, key=lambda p: (abs(p[0] - pivot), p[1]))]
 
 
@@ -273,10 +323,11 @@ def test_the_columnar_choice_is_the_rule_parcel_by_parcel() -> None:
     for _ in range(3000):
         count = int(rng.integers(1, 40))
         spread = int(rng.choice([3, 50, 300]))
+        together = float(rng.choice([0.0, 0.3, 1.0]))  # the share that arrived with the oldest
         candidates = [
             Candidate(
                 int(rng.integers(1, spread + 1)), int(rng.choice([1, 1, 2, 5])),
-                bool(rng.random() < 0.1), bool(rng.random() < 0.9),
+                bool(rng.random() < 0.1), bool(rng.random() < 0.9), bool(rng.random() < together),
             )
             for _ in range(count)
         ]  # fmt: skip
