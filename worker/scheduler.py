@@ -223,20 +223,16 @@ class Scheduler:
         # nobody over; only a later arrival does.
         together_ms = model.config.max_delay_ms
         near = now_ms() + (bound + 1) * backlog.window.batch_ms()  # deadlines the bound could miss
-        count = len(items)
-        sizes = np.empty(count, dtype=np.int64)
-        rows = np.empty(count, dtype=np.int64)
-        arrived = np.empty(count, dtype=np.float64)
-        forced = np.zeros(count, dtype=bool)
-        joinable = np.ones(count, dtype=bool)
-        for i, p in enumerate(items):
-            sizes[i] = p.row_size
-            rows[i] = p.rows
-            arrived[i] = p.enqueued_ms
-            if p.redelivered:
-                joinable[i] = False
-            elif passed.get(p.ids[0], 0) >= bound or (p.earliest_deadline or near) < near:
-                forced[i] = True
+        # one pass per column: a few hundred parcels wait here while a batch computes
+        sizes = np.array([p.row_size for p in items], dtype=np.int64)
+        rows = np.array([p.rows for p in items], dtype=np.int64)
+        arrived = np.array([p.enqueued_ms for p in items], dtype=np.float64)
+        joinable = np.array([not p.redelivered for p in items], dtype=bool)
+        forced = joinable & np.array(
+            [passed.get(p.ids[0], 0) >= bound or (p.earliest_deadline or near) < near
+             for p in items],
+            dtype=bool,
+        )  # fmt: skip
         tied = arrived <= arrived[0] + together_ms
         order = batch_order(
             BacklogColumns(sizes, rows, forced, joinable, tied), model.spec.max_batch_size

@@ -67,7 +67,7 @@ class Accepted:
     def redelivered(self) -> bool:
         return self.deliveries > 1
 
-    @property
+    @cached_property
     def enqueued_ms(self) -> float:
         """The XADD time, from the entry id (Redis server clock)."""
         return float(self.entry_id.split(b"-", 1)[0])
