@@ -295,7 +295,8 @@ class ModelConfig:
     max_batch_bytes: int = setting(256 * 1024 * 1024, at_least(1))
     # a model with a variable input axis batches requests of similar length (worker/grouping.py)
     group_by_length: bool = setting(True, Allowed())
-    # batches a request may be left out of for younger ones before it goes in whatever its length
+    # batches a request may be left out of for later arrivals (more than max_delay_ms after it)
+    # before it goes in whatever its length
     max_passed_over: int = setting(8, at_least(0))
 
     def __post_init__(self) -> None:
