@@ -153,10 +153,10 @@ def _least_waste(
     waste = held * pad_to - forced_real - (real_upto[ends] - real_upto[starts])
     if anchors_upto is not None:
         waste = np.where(anchors_upto[ends] > anchors_upto[starts], waste, np.iinfo(np.int64).max)
-    tied = np.flatnonzero(waste == waste.min())
-    if len(tied) == 1:
-        return int(tied[0])
-    return int(min(tied, key=lambda s: (int(free[s : ends[s]].min()), int(s))))
+    best = np.flatnonzero(waste == waste.min())
+    if len(best) == 1:
+        return int(best[0])
+    return int(min(best, key=lambda s: (int(free[s : ends[s]].min()), int(s))))
 
 
 def padding_share(padded: int, real: int) -> float:
