@@ -113,7 +113,7 @@ def batch_order(backlog: BacklogColumns, max_rows: int) -> list[int]:
                              longest, forced_real, anchors_upto)  # fmt: skip
     end = _run_end(rows_upto, start, room)
     run = free[start:end]
-    first = min(int(forced[0]), int(run.min())) if len(forced) else int(run.min())
+    first = int(np.concatenate((forced[:1], run)).min())  # the batch's oldest parcel
     nearness = np.abs(sizes[run] - sizes[first])
     run = run[np.lexsort((run, nearness))]  # nearest to the oldest in it first, then the oldest
     return [int(i) for i in forced] + [int(i) for i in run]

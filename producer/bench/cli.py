@@ -36,7 +36,7 @@ def bench_command(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=_at_least_one,
         default=5,
         help="a variable-length model: pool and in-process runs, taken in turns (default 5)",
     )
@@ -106,6 +106,16 @@ def _length_range(text: str) -> tuple[int, int]:
     if not 1 <= low <= high:
         raise argparse.ArgumentTypeError(f"{text!r}: expected 1 <= LOW <= HIGH")
     return low, high
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
