@@ -56,6 +56,11 @@ READ_AHEAD_BATCHES = 2  # a reader pauses while its backlog holds this many batc
 # worth of lengths to be matched with (measured: twice gives padding near
 # that of sorting the whole backlog, README "Variable lengths").
 GROUPING_READ_AHEAD_PER_PASS = 2
+# A lone one-row batch runs on the event loop when its model's last one-row
+# forward took under this: the loop (heartbeats, reads of new arrivals)
+# waits at most about this long, and a request arriving meanwhile could not
+# have computed sooner anyway, only been decoded sooner.
+INLINE_MAX_MS = 5.0
 
 
 @dataclass
@@ -168,7 +173,19 @@ class Scheduler:
             if items:
                 # the model looked up now: a reload switches it for the next batch only
                 batch = Batch(backlog.stream, self._served[backlog.stream.model], tuple(items))
-                running.append((self._executor.start(batch), batch))
+                inline = not running and self._alone(batch, backlogs)
+                running.append((self._executor.start(batch, inline=inline), batch))
+
+    def _alone(self, batch: Batch, backlogs: Sequence[_Backlog]) -> bool:
+        """A one-row batch with nothing else waiting, of a model whose last
+        such forward took under INLINE_MAX_MS: it may run on the event loop
+        (the caller checks that nothing is computing). Under load batches
+        hold more rows and go to the compute thread, so reading and
+        assembling the next overlaps the forward again."""
+        if batch.rows != 1 or any(b.items for b in backlogs):
+            return False
+        last_ms = self._backlogs[batch.stream.queue].window.recent_ms(1)
+        return last_ms is not None and last_ms < INLINE_MAX_MS
 
     # -- batch formation --------------------------------------------------------
 

@@ -33,6 +33,10 @@ class WindowModel:
     def record_arrival(self, rows: int, now: float | None = None) -> None:
         self.arrivals.append((time.monotonic() if now is None else now, rows))
 
+    def recent_ms(self, rows: int) -> float | None:
+        """The compute time of the latest recent batch of ``rows`` rows (None: none)."""
+        return next((ms for b, ms in reversed(self.batches) if b == rows), None)
+
     def batch_ms(self) -> float:
         """The mean compute time of recent batches (0 before the first)."""
         return sum(t for _, t in self.batches) / len(self.batches) if self.batches else 0.0

@@ -49,3 +49,11 @@ def test_unknown_policy_is_a_config_error(tmp_path: Path, models_dir: Path) -> N
     config.write_text(text)
     with pytest.raises(ConfigError, match="batch_policy"):
         load_settings(config)
+
+
+def test_recent_ms_is_the_latest_batch_of_exactly_that_many_rows() -> None:
+    window = WindowModel()
+    assert window.recent_ms(1) is None
+    for rows, ms in ((1, 2.0), (4, 9.0), (1, 3.0), (4, 8.0)):
+        window.record_batch(rows, ms)
+    assert (window.recent_ms(1), window.recent_ms(4), window.recent_ms(2)) == (3.0, 8.0, None)

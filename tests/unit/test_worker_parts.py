@@ -6,6 +6,7 @@ the reader makes of every kind of hostile entry. No processes."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from worker.control import ControlFeed
 from worker.executor import Executor
 from worker.reader import StreamReader
 from worker.registry import LoadedModel
-from worker.scheduler import Scheduler
+from worker.scheduler import INLINE_MAX_MS, Scheduler
 from worker.served import ServedModels
 from worker.stats import Stats
 from worker.work import Accepted, Outcome, Stream
@@ -60,9 +61,11 @@ class RecordingWriter:
     def __init__(self) -> None:
         self.outcomes: list[Outcome] = []
         self.dead: list[DeadLetter] = []
+        self.changed = asyncio.Event()
 
     async def put(self, outcomes: Sequence[Outcome]) -> asyncio.Future[None]:
         self.outcomes.extend(outcomes)
+        self.changed.set()
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         written.set_result(None)
         return written
@@ -71,6 +74,12 @@ class RecordingWriter:
         self, stream: Stream, letters: Sequence[DeadLetter], *, ack: bool = True
     ) -> None:
         self.dead.extend(letters)
+
+    async def answered(self, count: int) -> None:
+        """Until ``count`` requests have their result."""
+        while len(self.results()) < count:
+            self.changed.clear()
+            await asyncio.wait_for(self.changed.wait(), 30)
 
     def results(self) -> list[Result]:
         """Each answered request's own result, in order (not the ack-only ones)."""
@@ -183,6 +192,46 @@ async def test_a_raising_batch_is_bisected_to_the_culprit() -> None:
     assert status.pop("r13") == ("error", "model_error")
     assert set(status.values()) == {("ok", "")}
     assert len(status) == 3
+
+
+class Threads:
+    """A forward that records the thread of each call (and, given
+    ``slow_s``, takes at least that long) and doubles its input."""
+
+    def __init__(self, slow_s: float = 0.0) -> None:
+        self.threads: list[str] = []
+        self.slow_s = slow_s
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.slow_s)  # the model's own compute time, not a wait for anything
+        return x * 2
+
+
+async def test_a_lone_short_batch_runs_on_the_loop_a_fuller_one_in_the_compute_thread() -> None:
+    threads, writer = Threads(), RecordingWriter()
+    scheduler = scheduler_for(small_model(threads), writer)
+    running = asyncio.create_task(scheduler.run())
+    for ids in (["a"], ["b"], ["c", "d", "e"]):
+        scheduler.add(NORMAL_STREAM, [accepted(NORMAL_STREAM, i, 1.0) for i in ids])
+        await writer.answered(len(writer.results()) + len(ids))
+    # the first has no timing to go by; the third batch holds three rows
+    assert threads.threads == ["compute_0", threading.current_thread().name, "compute_0"]
+    scheduler.close()
+    await asyncio.wait_for(running, 30)
+    assert {r.id: r.status for r in writer.results()} == dict.fromkeys("abcde", "ok")
+
+
+async def test_a_lone_batch_of_a_slow_model_stays_in_the_compute_thread() -> None:
+    threads, writer = Threads(slow_s=INLINE_MAX_MS / 1000), RecordingWriter()
+    scheduler = scheduler_for(small_model(threads), writer)
+    running = asyncio.create_task(scheduler.run())
+    for count in range(1, 4):
+        scheduler.add(NORMAL_STREAM, [accepted(NORMAL_STREAM, f"r{count}", 1.0)])
+        await writer.answered(count)
+    assert threads.threads == ["compute_0"] * 3
+    scheduler.close()
+    await asyncio.wait_for(running, 30)
 
 
 # -- outputs that break their declared shapes, and max_batch_bytes ------------
