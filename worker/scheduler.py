@@ -57,7 +57,7 @@ READ_AHEAD_BATCHES = 2  # a reader pauses while its backlog holds this many batc
 # that of sorting the whole backlog, README "Variable lengths").
 GROUPING_READ_AHEAD_PER_PASS = 2
 # A lone one-row batch runs on the event loop when its model's last one-row
-# forward took under this: the loop (heartbeats, reads of new arrivals)
+# forward, scaled to its size, took under this: the loop (heartbeats, reads of new arrivals)
 # waits at most about this long, and a request arriving meanwhile could not
 # have computed sooner anyway, only been decoded sooner.
 INLINE_MAX_MS = 5.0
@@ -178,14 +178,16 @@ class Scheduler:
 
     def _alone(self, batch: Batch, backlogs: Sequence[_Backlog]) -> bool:
         """A one-row batch with nothing else waiting, of a model whose last
-        such forward took under INLINE_MAX_MS: it may run on the event loop
+        one-row forward, scaled to this one's size, took under INLINE_MAX_MS
+        (a long text after a short one may not): it may run on the event loop
         (the caller checks that nothing is computing). Under load batches
         hold more rows and go to the compute thread, so reading and
         assembling the next overlaps the forward again."""
         if batch.rows != 1 or any(b.items for b in backlogs):
             return False
-        last_ms = self._backlogs[batch.stream.queue].window.recent_ms(1)
-        return last_ms is not None and last_ms < INLINE_MAX_MS
+        elements = sum(a.size for item in batch.items for a in item.inputs.values())
+        expected_ms = self._backlogs[batch.stream.queue].window.lone_ms(elements)
+        return expected_ms is not None and expected_ms < INLINE_MAX_MS
 
     # -- batch formation --------------------------------------------------------
 
@@ -385,7 +387,8 @@ class Scheduler:
 
     async def _finish(self, batch: Batch, run: BatchRun) -> None:
         outcomes = self._executor.outcomes(batch, run, self._worker)
-        self._backlogs[batch.stream.queue].window.record_batch(batch.rows, run.infer_ms)
+        lone = sum(a.size for a in run.assembled.inputs) if batch.rows == 1 else 0
+        self._backlogs[batch.stream.queue].window.record_batch(batch.rows, run.infer_ms, lone)
         parts = [
             BatchPart(item.count, item.rows, max(0.0, run.started_ms - item.enqueued_ms))
             for item in batch.items

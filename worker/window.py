@@ -24,18 +24,26 @@ class WindowModel:
     """Recent batch timings and arrivals of one lane."""
 
     batches: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=64))
+    lone: tuple[int, float] | None = None  # the latest one-row batch: input elements, ms
     arrivals: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=4096))
     horizon_s: float = 1.0
 
-    def record_batch(self, rows: int, infer_ms: float) -> None:
+    def record_batch(self, rows: int, infer_ms: float, elements: int = 0) -> None:
+        """A computed batch; ``elements``: its input elements (padded)."""
         self.batches.append((rows, infer_ms))
+        if rows == 1 and elements:
+            self.lone = (elements, infer_ms)
 
     def record_arrival(self, rows: int, now: float | None = None) -> None:
         self.arrivals.append((time.monotonic() if now is None else now, rows))
 
-    def recent_ms(self, rows: int) -> float | None:
-        """The compute time of the latest recent batch of ``rows`` rows (None: none)."""
-        return next((ms for b, ms in reversed(self.batches) if b == rows), None)
+    def lone_ms(self, elements: int) -> float | None:
+        """A one-row forward of ``elements`` input elements: the latest one
+        scaled up by size, never down (None before the first)."""
+        if self.lone is None:
+            return None
+        seen, ms = self.lone
+        return ms * max(1.0, elements / seen)
 
     def batch_ms(self) -> float:
         """The mean compute time of recent batches (0 before the first)."""

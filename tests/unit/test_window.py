@@ -51,9 +51,11 @@ def test_unknown_policy_is_a_config_error(tmp_path: Path, models_dir: Path) -> N
         load_settings(config)
 
 
-def test_recent_ms_is_the_latest_batch_of_exactly_that_many_rows() -> None:
+def test_a_lone_forward_is_expected_from_the_latest_scaled_up_by_size() -> None:
     window = WindowModel()
-    assert window.recent_ms(1) is None
-    for rows, ms in ((1, 2.0), (4, 9.0), (1, 3.0), (4, 8.0)):
-        window.record_batch(rows, ms)
-    assert (window.recent_ms(1), window.recent_ms(4), window.recent_ms(2)) == (3.0, 8.0, None)
+    assert window.lone_ms(100) is None
+    window.record_batch(1, 2.0, 100)
+    window.record_batch(4, 9.0, 400)  # not one row: not a lone forward
+    assert (window.lone_ms(50), window.lone_ms(100), window.lone_ms(300)) == (2.0, 2.0, 6.0)
+    window.record_batch(1, 1.0, 200)
+    assert window.lone_ms(400) == 2.0

@@ -195,43 +195,63 @@ async def test_a_raising_batch_is_bisected_to_the_culprit() -> None:
 
 
 class Threads:
-    """A forward that records the thread of each call (and, given
-    ``slow_s``, takes at least that long) and doubles its input."""
+    """A forward that records the thread of each call, takes at least
+    ``ms_per_element`` x its input's elements (the model's own compute
+    time, not a wait for anything) and doubles its input."""
 
-    def __init__(self, slow_s: float = 0.0) -> None:
+    def __init__(self, ms_per_element: float = 0.0) -> None:
         self.threads: list[str] = []
-        self.slow_s = slow_s
+        self.ms_per_element = ms_per_element
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.threads.append(threading.current_thread().name)
-        time.sleep(self.slow_s)  # the model's own compute time, not a wait for anything
+        time.sleep(self.ms_per_element * x.numel() / 1000)
         return x * 2
 
 
-async def test_a_lone_short_batch_runs_on_the_loop_a_fuller_one_in_the_compute_thread() -> None:
-    threads, writer = Threads(), RecordingWriter()
-    scheduler = scheduler_for(small_model(threads), writer)
+async def run_one_by_one(model: LoadedModel, requests: Sequence[Sequence[Accepted]]) -> None:
+    """Each group of requests added once the one before is answered."""
+    writer = RecordingWriter()
+    scheduler = scheduler_for(model, writer)
     running = asyncio.create_task(scheduler.run())
-    for ids in (["a"], ["b"], ["c", "d", "e"]):
-        scheduler.add(NORMAL_STREAM, [accepted(NORMAL_STREAM, i, 1.0) for i in ids])
-        await writer.answered(len(writer.results()) + len(ids))
-    # the first has no timing to go by; the third batch holds three rows
-    assert threads.threads == ["compute_0", threading.current_thread().name, "compute_0"]
+    for group in requests:
+        scheduler.add(NORMAL_STREAM, group)
+        await writer.answered(len(writer.results()) + len(group))
     scheduler.close()
     await asyncio.wait_for(running, 30)
-    assert {r.id: r.status for r in writer.results()} == dict.fromkeys("abcde", "ok")
+    assert {r.status for r in writer.results()} == {"ok"}
+
+
+async def test_a_lone_short_batch_runs_on_the_loop_a_fuller_one_in_the_compute_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("worker.scheduler.INLINE_MAX_MS", 10_000.0)  # whatever this box's load
+    threads = Threads()
+    groups = [[accepted(NORMAL_STREAM, i)] for i in "ab"]
+    groups.append([accepted(NORMAL_STREAM, i) for i in "cde"])
+    await run_one_by_one(small_model(threads), groups)
+    # the first has no timing to go by; the third batch holds three rows
+    assert threads.threads == ["compute_0", threading.current_thread().name, "compute_0"]
 
 
 async def test_a_lone_batch_of_a_slow_model_stays_in_the_compute_thread() -> None:
-    threads, writer = Threads(slow_s=INLINE_MAX_MS / 1000), RecordingWriter()
-    scheduler = scheduler_for(small_model(threads), writer)
-    running = asyncio.create_task(scheduler.run())
-    for count in range(1, 4):
-        scheduler.add(NORMAL_STREAM, [accepted(NORMAL_STREAM, f"r{count}", 1.0)])
-        await writer.answered(count)
+    threads = Threads(ms_per_element=INLINE_MAX_MS / 3)  # 3 elements a request
+    await run_one_by_one(small_model(threads), [[accepted(NORMAL_STREAM, f"r{i}")] for i in "123"])
     assert threads.threads == ["compute_0"] * 3
-    scheduler.close()
-    await asyncio.wait_for(running, 30)
+
+
+async def test_a_long_lone_request_after_short_ones_stays_in_the_compute_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("worker.scheduler.INLINE_MAX_MS", 50.0)
+    threads = Threads(ms_per_element=0.01)  # 10 elements: 0.1 ms; 10,000: at least 100 ms
+    model = small_model(threads, shape=(-1,))
+
+    def lone(request_id: str, length: int) -> list[Accepted]:
+        return [accepted_array(NORMAL_STREAM, request_id, np.ones((1, length), np.float32))]
+
+    await run_one_by_one(model, [lone("a", 10), lone("b", 10), lone("long", 10_000)])
+    assert threads.threads == ["compute_0", threading.current_thread().name, "compute_0"]
 
 
 # -- outputs that break their declared shapes, and max_batch_bytes ------------
