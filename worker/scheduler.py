@@ -57,9 +57,9 @@ READ_AHEAD_BATCHES = 2  # a reader pauses while its backlog holds this many batc
 # that of sorting the whole backlog, README "Variable lengths").
 GROUPING_READ_AHEAD_PER_PASS = 2
 # A lone one-row batch runs on the event loop when its model's last one-row
-# forward, scaled to its size, took under this: the loop (heartbeats, reads of new arrivals)
-# waits at most about this long, and a request arriving meanwhile could not
-# have computed sooner anyway, only been decoded sooner.
+# forward, scaled to its size, took under this: the loop (heartbeats, reads
+# of new arrivals) waits at most about this long, and a request arriving
+# meanwhile could not have computed sooner anyway, only been decoded sooner.
 INLINE_MAX_MS = 5.0
 
 
