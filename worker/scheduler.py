@@ -185,8 +185,7 @@ class Scheduler:
         assembling the next overlaps the forward again."""
         if batch.rows != 1 or any(b.items for b in backlogs):
             return False
-        elements = sum(a.size for item in batch.items for a in item.inputs.values())
-        expected_ms = self._backlogs[batch.stream.queue].window.lone_ms(elements)
+        expected_ms = self._backlogs[batch.stream.queue].window.lone_ms(batch.elements)
         return expected_ms is not None and expected_ms < INLINE_MAX_MS
 
     # -- batch formation --------------------------------------------------------
@@ -387,19 +386,17 @@ class Scheduler:
 
     async def _finish(self, batch: Batch, run: BatchRun) -> None:
         outcomes = self._executor.outcomes(batch, run, self._worker)
-        lone = sum(a.size for a in run.assembled.inputs) if batch.rows == 1 else 0
-        self._backlogs[batch.stream.queue].window.record_batch(batch.rows, run.infer_ms, lone)
+        padded = sum(a.size for a in run.assembled.inputs)
+        self._backlogs[batch.stream.queue].window.record_batch(batch.rows, run.infer_ms, padded)
         parts = [
             BatchPart(item.count, item.rows, max(0.0, run.started_ms - item.enqueued_ms))
             for item in batch.items
         ]
-        padded = real = 0
-        if any(t.variable_axes for t in batch.model.spec.inputs):
-            padded = sum(a.size for a in run.assembled.inputs)
-            real = sum(a.size for item in batch.items for a in item.inputs.values())
+        variable = any(t.variable_axes for t in batch.model.spec.inputs)
         self._stats.record_batch(
-            batch.model.name, parts, run.infer_ms, run.failures, padded=padded, real=real
-        )
+            batch.model.name, parts, run.infer_ms, run.failures,
+            padded=padded if variable else 0, real=batch.elements if variable else 0,
+        )  # fmt: skip
         written = await self._writer.put(outcomes)
         if batch.items[0].redelivered:
             # The next redelivered request starts only once this answer is

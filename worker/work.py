@@ -139,6 +139,11 @@ class Batch:
     def requests(self) -> int:
         return sum(item.count for item in self.items)
 
+    @property
+    def elements(self) -> int:
+        """The requests' own input elements, before any padding."""
+        return sum(a.size for item in self.items for a in item.inputs.values())
+
 
 @dataclass(frozen=True)
 class Outcome:
