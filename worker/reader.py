@@ -162,6 +162,9 @@ class StreamReader:
                 if entries:
                     rows = await self.accept(entries, 1)
                     self._entry_rows = max(1.0, (self._entry_rows + rows / len(entries)) / 2)
+                    # The scheduler starts on them before this task sends its next
+                    # read: that send is a lone request's wait otherwise.
+                    await asyncio.sleep(0)
         finally:
             await conn.aclose()
 

@@ -152,7 +152,9 @@ class Scheduler:
             urgent = max((b.stream.priority for b in ready), default=NORMAL)
             if running and (len(running) > 1 or not full or full[0].stream.priority < urgent):
                 computing, batch = running.popleft()
-                await self._finish(batch, await computing)
+                run = await computing
+                idle = not running and not any(b.items for b in backlogs)
+                await self._finish(batch, run, idle=idle)
                 continue
             if not ready:
                 if self._closed:
@@ -384,7 +386,7 @@ class Scheduler:
         await self._writer.put(settled)
         return keep
 
-    async def _finish(self, batch: Batch, run: BatchRun) -> None:
+    async def _finish(self, batch: Batch, run: BatchRun, *, idle: bool = False) -> None:
         outcomes = self._executor.outcomes(batch, run, self._worker)
         padded = sum(a.size for a in run.assembled.inputs)
         self._backlogs[batch.stream.queue].window.record_batch(batch.rows, run.infer_ms, padded)
@@ -397,7 +399,7 @@ class Scheduler:
             batch.model.name, parts, run.infer_ms, run.failures,
             padded=padded if variable else 0, real=batch.elements if variable else 0,
         )  # fmt: skip
-        written = await self._writer.put(outcomes)
+        written = await self._writer.put(outcomes, idle=idle)
         if batch.items[0].redelivered:
             # The next redelivered request starts only once this answer is
             # written: if it kills the worker, this one must count as done.

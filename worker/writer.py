@@ -50,15 +50,26 @@ class Writer:
             asyncio.Queue(maxsize=4)
         )
         self._stopping = False
+        self._writing = asyncio.Lock()
+        self._backoff = Backoff()
 
-    async def put(self, outcomes: Sequence[Outcome]) -> asyncio.Future[None]:
+    async def put(self, outcomes: Sequence[Outcome], *, idle: bool = False) -> asyncio.Future[None]:
         """Queue outcomes for writing (waits while four groups are queued);
-        the future is done once they are written."""
+        the future is done once they are written.
+
+        ``idle``: the caller has nothing else to do meanwhile (an idle
+        worker's answer). When nothing is queued or being written, the
+        outcomes are written here and now, in the caller's task: the writer
+        task's wake-up is a loop turn on a lone request's path (README,
+        "Variable lengths")."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if outcomes:
-            await self._queue.put((outcomes, done))
-        else:
+        if not outcomes:
             done.set_result(None)
+        elif idle and self._queue.empty() and not self._writing.locked():
+            await self._write(outcomes)
+            done.set_result(None)
+        else:
+            await self._queue.put((outcomes, done))
         return done
 
     async def close(self) -> None:
@@ -67,26 +78,32 @@ class Writer:
         await self._queue.put(None)
 
     async def run(self) -> None:
-        backoff = Backoff()
         while True:
             queued = await self._queue.get()
             if queued is None:
                 return
             outcomes, done = queued
+            await self._write(outcomes)
+            done.set_result(None)
+
+    async def _write(self, outcomes: Sequence[Outcome]) -> None:
+        """Commit outcomes, retrying while Redis is away. One commit at a
+        time, in the order planned: an entry acked by a later commit must
+        never be written before the earlier answers to it."""
+        async with self._writing:
             plan = self.plan(outcomes)
             while True:
                 try:
                     await self.commit(plan)
-                    backoff.reset()
+                    self._backoff.reset()
                     break
                 except RedisError as exc:
-                    if self._stopping and backoff.attempts > GIVE_UP_WHEN_STOPPING:
+                    if self._stopping and self._backoff.attempts > GIVE_UP_WHEN_STOPPING:
                         log.error("giving up writing %d results: %s", len(outcomes), exc)
                         break
-                    await backoff.wait("write results", exc)
+                    await self._backoff.wait("write results", exc)
             for queue, (_, ids) in plan.acks.items():
                 self._leases.release(queue, ids)
-            done.set_result(None)
 
     def plan(self, outcomes: Sequence[Outcome]) -> CommitPlan:
         """What to write for ``outcomes``: each answer counted against its

@@ -34,6 +34,7 @@ from common.devices import parse_devices
 from common.runtime_env import MALLOC_ENV
 from common.settings import Settings
 from common.spec import ModelSpec, TensorSpec
+from producer.bench.cpu_account import cpu_by_role, format_cpu, per_request_us
 from producer.bench.loadgen import random_inputs
 from producer.bench.reference import per_slot
 from producer.client import AsyncClient, Submission
@@ -117,9 +118,11 @@ async def _measure(
         payloads = mixed_payloads(spec.inputs, lengths)
         warm = mixed_payloads(spec.inputs, lengths[: 2 * spec.max_batch_size], seed=SEED + 7)
         await _burst(client, model, warm)
+        cpu_before = cpu_by_role()
         start = time.perf_counter()
         results = await _burst(client, model, payloads)
         elapsed = time.perf_counter() - start
+        cpu = per_request_us(cpu_before, cpu_by_role(), len(payloads))
         idle = []  # one request at a time: what the pool adds to a lone forward
         for payload in payloads[:IDLE_REQUESTS]:
             t0 = time.perf_counter()
@@ -138,6 +141,9 @@ async def _measure(
         "padding_share": padding_share([[lengths[i] for i in b] for b in batches.values()]),
         "batches": list(batches.values()),
         "mean_batch_rows": float(np.mean([r.batch_size for r in results])),
+        "cpu_us_per_request": cpu,
+        # forward time per request, the part of the workers' CPU the model itself takes
+        "forward_us_per_request": sum(ms for _, ms in batches) * 1000 / len(lengths),
         "idle_overhead_p50_ms": float(np.percentile(idle, 50)),
         "idle_overhead_p99_ms": float(np.percentile(idle, 99)),
         "spec_json": spec.to_json(),
@@ -158,6 +164,8 @@ def _report(f: dict[str, Any]) -> None:
         f"  tensorq (submit_many, then wait)   {f['items_per_s']:>8,.1f} requests/s   padding "
         f"{f['padding_share']:.2f}x   mean batch {f['mean_batch_rows']:.1f} rows   "
         f"forward busy {f['compute_busy']:.2f} of the run\n"
+        f"  CPU per request (us, by process)   {format_cpu(f['cpu_us_per_request'])}; "
+        f"of which forward {f['forward_us_per_request']:,.0f}\n"
         f"  idle single request                overhead over compute p50 "
         f"{f['idle_overhead_p50_ms']:.2f} ms, p99 {f['idle_overhead_p99_ms']:.2f} ms\n"
         f"  in-process, arrival order          {f['arrival_items_per_s']:>8,.1f} requests/s   "

@@ -155,7 +155,9 @@ class Enqueuer:
         return await future
 
     async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let submitters running in this same tick join
+        # No yield before the first send: submitters already scheduled in
+        # this loop turn (a gather of submits) run before this task's first
+        # step and join it; a lone submit goes out one turn sooner.
         while self._outbox:
             batch, self._outbox = self._outbox, []
             flat = [item for prepared, _ in batch for item in prepared]
@@ -189,7 +191,10 @@ class Enqueuer:
             await self._call(ENQUEUE.load(redis))
             self._loaded = True
         replies: list[Any]
-        if self.keys.cluster:  # cluster pipelines refuse EVALSHA: concurrent calls instead;
+        if len(calls) == 1:  # one stream: a plain EVALSHA costs less than a pipeline of one
+            keys, args = calls[0]
+            replies = [await ENQUEUE.run(redis, keys, args, call=self._call)]
+        elif self.keys.cluster:  # cluster pipelines refuse EVALSHA: concurrent calls instead;
             # a node that lost its script cache gets it again without the other streams' calls
             replies = await asyncio.gather(
                 *(ENQUEUE.run(redis, keys, args, call=self._call) for keys, args in calls)

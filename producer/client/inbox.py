@@ -212,6 +212,11 @@ class InboxReader:
                     continue
                 if reply:
                     self.inbox.deliver(reply[1])
+                    # The waiting calls resume before this task sends its next
+                    # pop: two loop turns, as each wait() awaits its result
+                    # through a shield (the callback's turn, then the task's).
+                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)
         finally:
             await conn.aclose()
 

@@ -338,7 +338,7 @@ class SlowWriter(RecordingWriter):
         super().__init__()
         self.written: list[asyncio.Future[None]] = []
 
-    async def put(self, outcomes: Sequence[Outcome]) -> asyncio.Future[None]:
+    async def put(self, outcomes: Sequence[Outcome], *, idle: bool = False) -> asyncio.Future[None]:
         self.outcomes.extend(outcomes)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
@@ -367,3 +367,44 @@ async def test_a_redelivered_request_starts_only_once_the_answer_before_it_is_wr
     await drain(scheduler)
     assert before == [True, True, True]
     assert [r.id for r in writer.results()] == ["again-0", "again-1", "again-2"]
+
+
+class GatedCommitter:
+    """Records each commit's acked entries; a commit waits for ``gate`` while it is set up."""
+
+    def __init__(self) -> None:
+        self.acked: list[list[bytes]] = []
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+
+    async def commit(self, plan: CommitPlan) -> int:
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        self.acked.append([i for _, ids in plan.acks.values() for i in ids])
+        return 0
+
+
+async def test_an_idle_answer_is_written_before_put_returns_and_commits_keep_their_order() -> None:
+    leases = Leases()
+    for entry in (b"1-0", b"2-0", b"3-0"):
+        leases.hold(NORMAL_STREAM.queue, entry)
+    committer = GatedCommitter()
+    writer = Writer(fakeredis.FakeAsyncRedis(), KEYS, committer, leases)  # type: ignore[arg-type]
+    running = asyncio.create_task(writer.run())
+    # nothing queued or being written: written in the caller's task
+    done = await writer.put([ok_outcome(b"1-0", ["a"], [False])], idle=True)
+    assert done.done() and committer.acked == [[b"1-0"]]
+    assert not leases.holds(NORMAL_STREAM.queue, b"1-0")
+    # while the writer task is mid-commit, an idle put queues behind it
+    committer.gate = asyncio.Event()
+    committer.entered.clear()
+    first = await writer.put([ok_outcome(b"2-0", ["b"], [False])])
+    await committer.entered.wait()
+    second = await writer.put([ok_outcome(b"3-0", ["c"], [False])], idle=True)
+    assert not second.done()
+    committer.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 30)
+    assert committer.acked == [[b"1-0"], [b"2-0"], [b"3-0"]]
+    await writer.close()
+    await asyncio.wait_for(running, 30)

@@ -77,13 +77,19 @@ def test_padding_share() -> None:
 # -- through the scheduler ----------------------------------------------------
 
 
+# One clock reading for every request made here: requests made at the same
+# ``at`` share their enqueue time however slowly this box creates them.
+START_MS = int(now_ms())
+
+
 def request(
     stream: Stream, request_id: str, length: int, *, at: int = 0, **kwargs: object
 ) -> Accepted:
-    """A one-row request of ``length``, enqueued ``at`` ms after now (requests
-    enqueued within the model's max_delay_ms of each other arrived together)."""
+    """A one-row request of ``length``, enqueued ``at`` ms after START_MS
+    (requests enqueued within the model's max_delay_ms of each other arrived
+    together)."""
     x = np.full((1, length), float(length), np.float32)
-    entry_id = f"{int(now_ms()) + at}-0".encode()
+    entry_id = f"{START_MS + at}-0".encode()
     return Accepted.single(stream, entry_id, Request(request_id, "m", {"x": x}, **kwargs), 1)  # type: ignore[arg-type]
 
 

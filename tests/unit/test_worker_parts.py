@@ -62,9 +62,12 @@ class RecordingWriter:
         self.outcomes: list[Outcome] = []
         self.dead: list[DeadLetter] = []
         self.changed = asyncio.Event()
+        self.idle: list[bool] = []  # per put of outcomes: written in the caller's task?
 
-    async def put(self, outcomes: Sequence[Outcome]) -> asyncio.Future[None]:
+    async def put(self, outcomes: Sequence[Outcome], *, idle: bool = False) -> asyncio.Future[None]:
         self.outcomes.extend(outcomes)
+        if outcomes:
+            self.idle.append(idle)
         self.changed.set()
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         written.set_result(None)
@@ -209,7 +212,9 @@ class Threads:
         return x * 2
 
 
-async def run_one_by_one(model: LoadedModel, requests: Sequence[Sequence[Accepted]]) -> None:
+async def run_one_by_one(
+    model: LoadedModel, requests: Sequence[Sequence[Accepted]]
+) -> RecordingWriter:
     """Each group of requests added once the one before is answered."""
     writer = RecordingWriter()
     scheduler = scheduler_for(model, writer)
@@ -220,6 +225,7 @@ async def run_one_by_one(model: LoadedModel, requests: Sequence[Sequence[Accepte
     scheduler.close()
     await asyncio.wait_for(running, 30)
     assert {r.status for r in writer.results()} == {"ok"}
+    return writer
 
 
 async def test_a_lone_short_batch_runs_on_the_loop_a_fuller_one_in_the_compute_thread(
@@ -229,9 +235,20 @@ async def test_a_lone_short_batch_runs_on_the_loop_a_fuller_one_in_the_compute_t
     threads = Threads()
     groups = [[accepted(NORMAL_STREAM, i)] for i in "ab"]
     groups.append([accepted(NORMAL_STREAM, i) for i in "cde"])
-    await run_one_by_one(small_model(threads), groups)
+    writer = await run_one_by_one(small_model(threads), groups)
     # the first has no timing to go by; the third batch holds three rows
     assert threads.threads == ["compute_0", threading.current_thread().name, "compute_0"]
+    # nothing else waited behind any of them: each answer written by the scheduler itself
+    assert writer.idle == [True, True, True]
+
+
+async def test_an_answer_with_work_behind_it_goes_through_the_writer_queue() -> None:
+    writer = RecordingWriter()
+    scheduler = scheduler_for(small_model(Calls(), max_batch_size=2), writer)
+    scheduler.add(NORMAL_STREAM, [accepted(NORMAL_STREAM, i) for i in "abc"])
+    await drain(scheduler)
+    # "c" waited while "a" and "b" computed: their answer did not hold it up
+    assert writer.idle == [False, True]
 
 
 async def test_a_lone_batch_of_a_slow_model_stays_in_the_compute_thread() -> None:
