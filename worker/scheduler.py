@@ -383,7 +383,8 @@ class Scheduler:
             if len(dropped) < item.count:
                 gone = set(dropped)
                 keep.append(item.select([i for i in range(item.count) if i not in gone]))
-        await self._writer.put(settled)
+        if settled:
+            await self._writer.put(settled)
         return keep
 
     async def _finish(self, batch: Batch, run: BatchRun, *, idle: bool = False) -> None:
