@@ -212,11 +212,14 @@ class InboxReader:
                     continue
                 if reply:
                     self.inbox.deliver(reply[1])
-                    # The waiting calls resume before this task sends its next
-                    # pop: two loop turns, as each wait() awaits its result
-                    # through a shield (the callback's turn, then the task's).
-                    await asyncio.sleep(0)
-                    await asyncio.sleep(0)
+                    # The next pop is sent only after the callers woken here have
+                    # run and what they submit next has gone out: each wait()
+                    # resumes two loop turns after its result (a shield's
+                    # callback, then its task) and a submit sends from a task
+                    # started in that turn, one more. A sequential caller's next
+                    # request otherwise waits behind this send (about 0.06 ms).
+                    for _ in range(3):
+                        await asyncio.sleep(0)
         finally:
             await conn.aclose()
 
