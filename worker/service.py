@@ -157,6 +157,7 @@ class WorkerService:
             await wait_for_stop_or(self._stopping, scheduler)
         finally:
             parts.scheduler.stop_filling()
+            parts.writer.stop_soon()
             await asyncio.gather(*readers, return_exceptions=True)
             parts.scheduler.close()
             await asyncio.gather(scheduler, return_exceptions=True)

@@ -74,9 +74,16 @@ class Writer:
             await self._queue.put((outcomes, done))
         return done
 
+    def stop_soon(self) -> None:
+        """The worker is stopping: a write that keeps failing (Redis away)
+        gives up after GIVE_UP_WHEN_STOPPING attempts, its entries left
+        pending for a redelivery, so that neither the writer task nor a
+        scheduler writing an idle answer itself holds the drain up."""
+        self._stopping = True
+
     async def close(self) -> None:
         """Write what is queued, then end ``run``."""
-        self._stopping = True
+        self.stop_soon()
         await self._queue.put(None)
 
     async def run(self) -> None:

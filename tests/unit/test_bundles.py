@@ -17,6 +17,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from common.bundle import (
     pack_bundle,
@@ -408,3 +409,32 @@ async def test_an_idle_answer_is_written_before_put_returns_and_commits_keep_the
     assert committer.acked == [[b"1-0"], [b"2-0"], [b"3-0"]]
     await writer.close()
     await asyncio.wait_for(running, 30)
+
+
+class LostRedisCommitter:
+    """Every commit fails as if Redis were away."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.failed = asyncio.Event()
+
+    async def commit(self, plan: CommitPlan) -> int:
+        self.attempts += 1
+        self.failed.set()
+        raise RedisConnectionError("Redis is away")
+
+
+async def test_an_idle_answer_stuck_on_a_lost_redis_gives_up_once_the_worker_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("worker.writer.GIVE_UP_WHEN_STOPPING", 1)
+    leases = Leases()
+    leases.hold(NORMAL_STREAM.queue, b"1-0")
+    committer = LostRedisCommitter()
+    writer = Writer(fakeredis.FakeAsyncRedis(), KEYS, committer, leases)  # type: ignore[arg-type]
+    putting = asyncio.create_task(writer.put([ok_outcome(b"1-0", ["a"], [False])], idle=True))
+    await asyncio.wait_for(committer.failed.wait(), 30)
+    assert not putting.done()  # retrying while the worker serves on
+    writer.stop_soon()
+    done = await asyncio.wait_for(putting, 30)
+    assert done.done() and committer.attempts >= 2
