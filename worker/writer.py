@@ -2,16 +2,17 @@
 dead letters.
 
 Outcomes arrive on a bounded queue (``put``) and are committed in arrival
-order, each group with one atomic script (worker/commit.py), one commit at
-a time, retried with backoff while Redis is away (an idle worker's answer,
-with nothing queued or being written, is committed in the caller's task,
-saving the writer task's wake-up): the entries stay pending meanwhile, so if a
-write never succeeds they are redelivered (restart) or reclaimed, and
-nothing is lost. An entry is acked with the answer to the last of its
-requests (a bundle's members may be answered in several commits: invalid
-ones at once, the others by their batches); until then every answer to it
-is also kept by id, so that a redelivery of the entry knows which of its
-requests are done. Once acked, its lease is released.
+order, one commit at a time, each group with one atomic script
+(worker/commit.py); an idle worker's answer, with nothing queued or being
+written, is committed in the caller's task instead, saving the writer
+task's wake-up. A commit is retried with backoff while Redis is away: the
+entries stay pending meanwhile, so if a write never succeeds they are
+redelivered (restart) or reclaimed, and nothing is lost. An entry is acked
+with the answer to the last of its requests (a bundle's members may be
+answered in several commits: invalid ones at once, the others by their
+batches); until then every answer to it is also kept by id, so that a
+redelivery of the entry knows which of its requests are done. Once acked,
+its lease is released.
 
 Dead letters (``dead_letter``, ``bury``) are written at once, awaited by
 the reader that found them.
