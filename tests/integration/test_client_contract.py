@@ -323,3 +323,21 @@ async def test_a_big_submit_many_is_queued_head_first_and_in_order(
     queued = [r.id for _, fields in await aredis.xrange(queue)
               for r in entry_requests(fields[b"req"])]  # fmt: skip
     assert queued == ids == [f"r{i}" for i in range(count)]
+
+
+async def test_submits_gathered_from_many_tasks_share_one_round_trip(
+    redis_url: str, aredis: aioredis.Redis
+) -> None:
+    """The group commit: submits that start together go out in one enqueue
+    call, bundled into one stream entry, and each is answered as its own."""
+    await idle_model(aredis, "gathered")
+    async with AsyncClient(redis_url) as client:
+        await client.spec("gathered")  # known: no submit waits for its spec
+        xs = [np.full((1, 4), i, np.float32) for i in range(5)]
+        ids = await asyncio.gather(*(client.submit("gathered", {"x": x}) for x in xs))
+        assert await aredis.xlen(KEYS.queue("gathered")) == 1
+        assert sorted(await queued(aredis, "gathered")) == sorted(ids)
+        assert sorted(await answer(aredis, "gathered")) == sorted(ids)
+        for request_id, x in zip(ids, xs, strict=True):
+            result = await client.wait(request_id, timeout=30)
+            np.testing.assert_array_equal(result.outputs["y"], x * 2)
