@@ -153,8 +153,7 @@ class Scheduler:
             if running and (len(running) > 1 or not full or full[0].stream.priority < urgent):
                 computing, batch = running.popleft()
                 run = await computing
-                idle = not running and not any(b.items for b in backlogs)
-                await self._finish(batch, run, idle=idle)
+                await self._finish(batch, run, idle=_idle(running, backlogs))
                 continue
             if not ready:
                 if self._closed:
@@ -175,17 +174,16 @@ class Scheduler:
             if items:
                 # the model looked up now: a reload switches it for the next batch only
                 batch = Batch(backlog.stream, self._served[backlog.stream.model], tuple(items))
-                inline = not running and self._alone(batch, backlogs)
+                inline = _idle(running, backlogs) and self._lone_and_short(batch)
                 running.append((self._executor.start(batch, inline=inline), batch))
 
-    def _alone(self, batch: Batch, backlogs: Sequence[_Backlog]) -> bool:
-        """A one-row batch with nothing else waiting, of a model whose last
-        one-row forward, scaled to this one's size, took under INLINE_MAX_MS
-        (a long text after a short one may not): it may run on the event loop
-        (the caller checks that nothing is computing). Under load batches
-        hold more rows and go to the compute thread, so reading and
-        assembling the next overlaps the forward again."""
-        if batch.rows != 1 or any(b.items for b in backlogs):
+    def _lone_and_short(self, batch: Batch) -> bool:
+        """A one-row batch of a model whose last one-row forward, scaled to
+        this one's size, took under INLINE_MAX_MS (a long text after a short
+        one may not): with the worker idle it may run on the event loop.
+        Under load batches hold more rows and go to the compute thread, so
+        reading and assembling the next overlaps the forward again."""
+        if batch.rows != 1:
             return False
         expected_ms = self._backlogs[batch.stream.queue].window.lone_ms(batch.elements)
         return expected_ms is not None and expected_ms < INLINE_MAX_MS
@@ -405,6 +403,13 @@ class Scheduler:
             # The next redelivered request starts only once this answer is
             # written: if it kills the worker, this one must count as done.
             await written
+
+
+def _idle(running: Sequence[object], backlogs: Sequence[_Backlog]) -> bool:
+    """Nothing computing and nothing waiting: a lone batch has nothing to
+    overlap with, so it may run on the event loop and its answer be written
+    by the scheduler itself."""
+    return not running and not any(b.items for b in backlogs)
 
 
 def _groups_by_length(model: LoadedModel) -> bool:
