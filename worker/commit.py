@@ -14,9 +14,14 @@ whose wait has ended ignores it. (Keeping the first result with SET NX was
 tried and reverted for that reason.)
 
 Keys of one batch span several slots, so on Redis Cluster (``keys.cluster``)
-the script cannot run; there a batch is two pipelined round trips instead:
-the results and inbox pushes (redis-py sends each node its share), then per
-stream XACK + XDEL (a stream's keys share a slot). A kill between the two
+the script cannot run; there a batch is pipelined round trips instead
+(redis-py sends each node its share): the results kept by id, then the
+inbox pushes, then per stream XACK + XDEL (a stream's keys share a slot).
+The results go before the pushes, one round trip more where a batch has
+both: a node's share of one pipeline can land after another node's, and a
+client woken by its push must find its result kept (it shortens the key's
+TTL once collected, and a reader by id must not see it pending), as the
+single-node script guarantees. A kill between the two
 leaves answered entries pending; their redelivery finds the stored results
 and only acks; a request that asked not to be stored (``infer``) is computed
 and pushed again, and its waiting client keeps the first answer.
@@ -123,21 +128,17 @@ class Committer:
         return failures
 
     async def _commit_by_slot(self, plan: CommitPlan) -> int:
-        is_set: list[bool] = []  # per queued command: a result SET (else a push or expiry)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for request_id, payload in plan.stored:
-                pipe.set(self._keys.result(request_id), payload, ex=self._ttl)
-                is_set.append(True)
-            for inbox, elements in plan.pushes.items():
-                pipe.lpush(inbox, *elements)
-                pipe.expire(inbox, self._ttl)
-                is_set += [False, False]
-            if is_set:
-                # a failed push or expiry costs that push; a failed SET is retried
-                replies = await pipe.execute(raise_on_error=False)
-                for result_set, reply in zip(is_set, replies, strict=True):
-                    if result_set and isinstance(reply, Exception):
-                        raise reply
+        if plan.stored:  # a failed SET raises: the commit is retried
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for request_id, payload in plan.stored:
+                    pipe.set(self._keys.result(request_id), payload, ex=self._ttl)
+                await pipe.execute()
+        if plan.pushes:  # only once the results are kept: see the module docstring
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for inbox, elements in plan.pushes.items():
+                    pipe.lpush(inbox, *elements)
+                    pipe.expire(inbox, self._ttl)
+                await pipe.execute(raise_on_error=False)  # a failed push costs that push
         async with self._redis.pipeline(transaction=False) as pipe:
             for queue, (requests, ids) in plan.acks.items():
                 pipe.xack(queue, CONSUMER_GROUP, *ids)

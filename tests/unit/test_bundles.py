@@ -29,6 +29,7 @@ from common.bundle import (
 from common.codec import encode_tensor
 from common.envelope import Request, Result, Timings, pack_result, unpack_result
 from common.errors import ProtocolError
+from common.keys import Keys
 from common.settings import load_settings
 from tests.unit.test_worker_parts import (
     INBOX,
@@ -42,7 +43,7 @@ from tests.unit.test_worker_parts import (
     scheduler_for,
     small_model,
 )
-from worker.commit import CommitPlan
+from worker.commit import CommitPlan, Committer
 from worker.control import ControlFeed
 from worker.leases import Leases
 from worker.reader import StreamReader
@@ -438,3 +439,41 @@ async def test_an_idle_answer_stuck_on_a_lost_redis_gives_up_once_the_worker_sto
     writer.stop_soon()
     done = await asyncio.wait_for(putting, 30)
     assert done.done() and committer.attempts >= 2
+
+
+class RecordingPipelines:
+    """Stands in for a cluster client: the commands of each pipeline executed, in order."""
+
+    def __init__(self) -> None:
+        self.executed: list[list[str]] = []
+
+    def pipeline(self, transaction: bool = False) -> RecordingPipeline:
+        return RecordingPipeline(self.executed)
+
+
+class RecordingPipeline:
+    def __init__(self, executed: list[list[str]]) -> None:
+        self._executed = executed
+        self._commands: list[str] = []
+
+    async def __aenter__(self) -> RecordingPipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def __getattr__(self, command: str) -> Any:
+        return lambda *args, **kwargs: self._commands.append(command)
+
+    async def execute(self, raise_on_error: bool = True) -> list[int]:
+        self._executed.append(self._commands)
+        return [0] * len(self._commands)
+
+
+async def test_on_a_cluster_results_are_kept_before_any_inbox_hears_of_them() -> None:
+    redis = RecordingPipelines()
+    plan = CommitPlan(stored=[("a", b"r")], pushes={INBOX: [b"r"]})
+    plan.ack(NORMAL_STREAM.queue, b"1-0", 1)
+    committer = Committer(redis, Keys(cluster=True), 60)  # type: ignore[arg-type]
+    assert await committer.commit(plan) == 0
+    assert redis.executed == [["set"], ["lpush", "expire"], ["xack", "xdel", "decrby"]]
